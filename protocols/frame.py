@@ -1,0 +1,615 @@
+# citynode frame codec, format v1: the one implementation of protocols/SPEC.md.
+# Pure and sans-IO; runs unchanged on MicroPython (ESP32, RP2, unix port) and CPython 3.11+.
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
+import hashlib
+
+try:  # CPython: OpenSSL's one-shot HMAC
+    import hmac as _hmac
+except ImportError:  # MicroPython: HMAC (RFC 2104) built on hashlib.sha256 below
+    _hmac = None
+
+VERSION = const(1)
+TYPE_DATA = const(1)
+TYPE_ACK = const(2)
+TYPE_STATUS = const(3)
+KEY_LEN = const(16)
+TAG_LEN = const(4)
+MAX_FRAME = const(255)  # raw LoRa's largest payload; the same bound on every link
+MAX_READINGS = const(255)
+_MAX_U32 = const(0xFFFFFFFF)
+_I32_MIN = -(1 << 31)
+_I32_MAX = (1 << 31) - 1
+_RICE_ESCAPE = const(12)  # a Rice quotient this large is sent as an Exp-Golomb escape
+_MAX_K = const(15)  # Rice parameter fits 4 bits
+_MAX_UE_ZEROS = const(34)  # an Exp-Golomb code longer than this is malformed
+# Sampling intervals (s) common enough to get a 3-bit code (SPEC.md "Timing").
+_INTERVALS = (10, 30, 60, 120, 300, 600, 900, 3600)
+
+# Channel ids (SPEC.md "Channels"): id -> (quantity, scale, base, k0).
+# value = raw / scale; the first value of a frame is coded as EG_k0(zigzag(raw - base)).
+# Ids without an entry decode with base 0, k0 8 and scale 1, so a v1 decoder can carry a
+# channel added later (as "channel_<id>") without a format change.
+CHANNELS = {
+    1: ("temperature_c", 100, 1500, 11),  # 0.01 degC
+    2: ("humidity_pct", 100, 5000, 12),  # 0.01 %RH
+    3: ("pressure_hpa", 100, 101325, 13),  # 1 Pa = 0.01 hPa
+    4: ("pm2_5_ugm3", 10, 0, 8),  # 0.1 ug/m3
+    5: ("pm10_ugm3", 10, 0, 8),  # 0.1 ug/m3
+    6: ("battery_v", 1000, 0, 8),  # 1 mV
+}
+BME280_CHANNELS = (1, 2, 3)
+_GENERIC = (0, 8)
+
+# Status frame fields (SPEC.md "Status frame"): id -> name.
+STATUS_FIELDS = {
+    1: "boot_count",
+    2: "reset_cause",
+    3: "free_heap",
+    4: "journal_fill",
+    5: "readings_dropped",
+    6: "rssi_dbm",
+    7: "fw_version",
+    8: "sensor_faults",
+    9: "uptime_s",
+}
+
+
+class FrameError(ValueError):
+    """The codec's one error type. `reason` is a short code to count by; str() says what."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
+def quantity(ch):
+    """(name, scale) of a channel id; unknown ids are carried as raw integers."""
+    entry = CHANNELS.get(ch)
+    if entry is None:
+        return ("channel_%d" % ch, 1)
+    return (entry[0], entry[1])
+
+
+def _channel_coding(ch):
+    entry = CHANNELS.get(ch)
+    return _GENERIC if entry is None else (entry[2], entry[3])
+
+
+# --- authentication ---------------------------------------------------------------------
+
+
+class Signer:
+    """Computes and checks tags: HMAC-SHA256 under a node's 128-bit key, first 4 bytes."""
+
+    def __init__(self, key):
+        if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_LEN:
+            raise FrameError("key", "key must be 16 bytes, got %s" % _describe_len(key))
+        self._key = bytes(key)
+        if _hmac is None:
+            block = self._key + bytes(64 - KEY_LEN)
+            self._ipad = bytes(b ^ 0x36 for b in block)
+            self._opad = bytes(b ^ 0x5C for b in block)
+
+    def tag(self, data):
+        if _hmac is not None:
+            return _hmac.digest(self._key, data, "sha256")[:TAG_LEN]
+        h = hashlib.sha256(self._ipad)
+        h.update(data)
+        inner = h.digest()
+        h = hashlib.sha256(self._opad)
+        h.update(inner)
+        return h.digest()[:TAG_LEN]
+
+    def verify(self, buf):
+        """Check the tag at the end of buf; return the length of the authenticated part."""
+        end = len(buf) - TAG_LEN
+        mv = memoryview(buf)
+        expected = self.tag(mv[:end])
+        diff = 0
+        for i in range(TAG_LEN):
+            diff |= expected[i] ^ buf[end + i]
+        if diff:
+            raise FrameError("tag", "bad tag (wrong key or corrupted frame)")
+        return end
+
+
+def _describe_len(key):
+    try:
+        return "%d" % len(key)
+    except TypeError:
+        return type(key).__name__
+
+
+# --- bit and byte primitives ------------------------------------------------------------
+
+
+class _BitWriter:
+    """MSB-first bit writer into a bytearray; the accumulator stays a small int."""
+
+    def __init__(self, buf, pos, limit):
+        self.buf = buf
+        self.limit = limit  # bytes available before the tag
+        self.pos = pos  # byte position of the next whole byte
+        self.acc = 0
+        self.fill = 0  # bits pending in acc (0..7)
+
+    def bits(self, value, n):
+        while n > 0:
+            take = 8 - self.fill
+            if take > n:
+                take = n
+            n -= take
+            self.acc = (self.acc << take) | ((value >> n) & ((1 << take) - 1))
+            self.fill += take
+            if self.fill == 8:
+                self._put(self.acc)
+                self.acc = 0
+                self.fill = 0
+
+    def _put(self, byte):
+        if self.pos >= self.limit:
+            raise FrameError("too_long", "frame would exceed %d bytes" % MAX_FRAME)
+        self.buf[self.pos] = byte
+        self.pos += 1
+
+    def ue(self, value, k=0):
+        """Exp-Golomb code of order k for value >= 0."""
+        m = (value >> k) + 1
+        nbits = _bit_length(m)
+        self.bits(0, nbits - 1)
+        self.bits(m, nbits)
+        self.bits(value, k)
+
+    def rice(self, value, k):
+        q = value >> k
+        if q < _RICE_ESCAPE:
+            self.bits((1 << (q + 1)) - 2, q + 1)  # q ones then a zero
+            self.bits(value, k)
+        else:
+            self.bits((1 << _RICE_ESCAPE) - 1, _RICE_ESCAPE)
+            self.ue(value)
+
+    def flush(self):
+        if self.fill:
+            self._put(self.acc << (8 - self.fill))
+            self.acc = 0
+            self.fill = 0
+        return self.pos
+
+
+class _BitReader:
+    """MSB-first bit reader over buf[start:end], held as one integer of the unread bits."""
+
+    def __init__(self, buf, start, end):
+        self.v = int.from_bytes(bytes(buf[start:end]), "big")
+        self.left = 8 * (end - start)  # bits not yet read
+
+    def bits(self, n):
+        left = self.left - n
+        if left < 0:
+            raise FrameError("truncated", "frame ends inside its readings")
+        self.left = left
+        value = self.v >> left
+        self.v ^= value << left
+        return value
+
+    def ue(self, k=0):
+        zeros = self.left - _bit_length(self.v)
+        if zeros > _MAX_UE_ZEROS:
+            raise FrameError("structure", "Exp-Golomb code longer than 34 bits")
+        m = self.bits(2 * zeros + 1)  # the zeros, then m's zeros + 1 significant bits
+        return ((m - 1) << k) | self.bits(k)
+
+    def rice(self, k):
+        left = self.left
+        window = _RICE_ESCAPE + 1 if left > _RICE_ESCAPE else left
+        head = self.v >> (left - window)  # the next bits, to count leading ones
+        q = window - _bit_length(head ^ ((1 << window) - 1))
+        if q >= _RICE_ESCAPE:
+            self.bits(_RICE_ESCAPE)
+            return self.ue()
+        # q ones, a zero and k remainder bits in one read
+        return (q << k) | (self.bits(q + 1 + k) & ((1 << k) - 1))
+
+    def padding_ok(self):
+        # Fewer than 8 bits may be left, and they must be zero.
+        return self.left < 8 and self.v == 0
+
+
+try:
+    _bit_length = int.bit_length
+except AttributeError:  # MicroPython ints have no bit_length()
+
+    def _bit_length(n):
+        b = 0
+        while n:
+            n >>= 1
+            b += 1
+        return b
+
+
+def _zigzag(v):
+    return (v << 1) if v >= 0 else ((-v << 1) - 1)
+
+
+def _unzigzag(z):
+    return (z >> 1) if not (z & 1) else -((z + 1) >> 1)
+
+
+def _put_varint(buf, pos, value):
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            buf[pos] = byte | 0x80
+            pos += 1
+        else:
+            buf[pos] = byte
+            return pos + 1
+
+
+def _get_varint(buf, pos, end, what):
+    value = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise FrameError("truncated", "frame ends inside %s" % what)
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 28:
+            raise FrameError("structure", "%s is longer than 5 bytes" % what)
+    if value > _MAX_U32:
+        raise FrameError("structure", "%s exceeds 32 bits" % what)
+    return value, pos
+
+
+def _check_u32(value, what):
+    if not isinstance(value, int) or value < 0 or value > _MAX_U32:
+        raise ValueError("%s must be an integer 0..4294967295, got %r" % (what, value))
+
+
+# --- frames -----------------------------------------------------------------------------
+
+try:
+    from collections import namedtuple
+except ImportError:  # pragma: no cover - very small ports
+    from ucollections import namedtuple
+
+DataFrame = namedtuple("DataFrame", ("node_id", "seq", "channels", "readings", "ages"))
+Ack = namedtuple("Ack", ("node_id", "host_time", "acked"))
+Status = namedtuple("Status", ("node_id", "seq", "fields"))
+
+
+def _header(buf, ftype, node_id, seq):
+    buf[0] = (VERSION << 4) | ftype
+    pos = _put_varint(buf, 1, node_id)
+    if seq is not None:
+        pos = _put_varint(buf, pos, seq)
+    return pos
+
+
+def _finish(signer, buf, pos):
+    if pos + TAG_LEN > MAX_FRAME:
+        raise FrameError("too_long", "frame would exceed %d bytes" % MAX_FRAME)
+    buf[pos : pos + TAG_LEN] = signer.tag(memoryview(buf)[:pos])
+    return bytes(memoryview(buf)[: pos + TAG_LEN])
+
+
+def _best_rice_k(values):
+    """The Rice parameter 0..15 that codes these zigzagged values in the fewest bits."""
+    best_k = 0
+    best_bits = -1
+    for k in range(_MAX_K + 1):
+        total = 0
+        for z in values:
+            q = z >> k
+            if q < _RICE_ESCAPE:
+                total += q + 1 + k
+            else:
+                total += _RICE_ESCAPE + 2 * _bit_length(z + 1) - 1
+        if best_bits < 0 or total < best_bits:
+            best_k = k
+            best_bits = total
+        elif total > best_bits:
+            break  # cost is convex in k for these codes: past the minimum
+    return best_k
+
+
+def _gcd(a, b):
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def encode_data(signer, node_id, seq, channels, readings, ages):
+    """Encode readings (oldest first; one tuple of raw ints per reading, one int per channel)
+    with their ages (whole seconds before sending, oldest first, non-increasing) into a
+    signed DATA frame. Raises ValueError on bad arguments, FrameError("too_long") if the
+    batch does not fit in MAX_FRAME bytes."""
+    _check_u32(node_id, "node_id")
+    _check_u32(seq, "seq")
+    n = len(readings)
+    if n < 1 or n > MAX_READINGS:
+        raise ValueError("a frame holds 1..%d readings, got %d" % (MAX_READINGS, n))
+    if len(ages) != n:
+        raise ValueError("%d readings but %d ages" % (n, len(ages)))
+    nch = len(channels)
+    if nch < 1:
+        raise ValueError("a frame needs at least one channel")
+    for ch in channels:
+        _check_u32(ch, "channel id")
+    prev = None
+    for a in ages:
+        _check_u32(a, "age")
+        if prev is not None and a > prev:
+            raise ValueError("ages must not increase (readings oldest first)")
+        prev = a
+    for r in readings:
+        if len(r) != nch:
+            raise ValueError("reading has %d values for %d channels" % (len(r), nch))
+        for v in r:
+            if not isinstance(v, int) or v < _I32_MIN or v > _I32_MAX:
+                raise ValueError("raw value %r is not a 32-bit signed integer" % (v,))
+
+    buf = bytearray(MAX_FRAME)
+    w = _BitWriter(buf, _header(buf, TYPE_DATA, node_id, seq), MAX_FRAME - TAG_LEN)
+    w.ue(n - 1)
+    if tuple(channels) == BME280_CHANNELS:
+        w.bits(1, 1)
+    else:
+        w.bits(0, 1)
+        w.ue(nch - 1)
+        for ch in channels:
+            w.ue(ch)
+    newest = ages[n - 1]
+    if n == 1 and newest == 0:
+        w.bits(0, 1)
+    else:
+        w.bits(1, 1)
+        w.ue(newest)
+        if n > 1:
+            _encode_times(w, ages, n)
+    for c in range(nch):
+        base, k0 = _channel_coding(channels[c])
+        first = readings[0][c]
+        w.ue(_zigzag(first - base), k0)
+        if n > 1:
+            _encode_deltas(w, readings, c, n)
+    return _finish(signer, buf, w.flush())
+
+
+def _encode_times(w, ages, n):
+    # The commonest gap is the interval; irregular frames add one signed correction a reading.
+    gaps = [ages[i - 1] - ages[i] for i in range(1, n)]
+    counts = {}
+    for g in gaps:
+        counts[g] = counts.get(g, 0) + 1
+    interval = gaps[0]
+    for g in counts:
+        if counts[g] > counts[interval]:
+            interval = g
+    if interval in _INTERVALS:
+        w.bits(0b1000 | _INTERVALS.index(interval), 4)
+    else:
+        w.bits(0, 1)
+        w.ue(interval, 5)
+    irregular = 0
+    for g in gaps:
+        if g != interval:
+            irregular = 1
+            break
+    w.bits(irregular, 1)
+    if irregular:
+        for g in gaps:
+            w.ue(_zigzag(g - interval))
+
+
+def _encode_deltas(w, readings, c, n):
+    g = 0
+    for i in range(1, n):
+        g = _gcd(g, abs(readings[i][c] - readings[i - 1][c]))
+    if g == 0:
+        g = 1
+    zz = [_zigzag((readings[i][c] - readings[i - 1][c]) // g) for i in range(1, n)]
+    k = _best_rice_k(zz)
+    w.bits(k, 4)
+    w.ue(g - 1)
+    for z in zz:
+        w.rice(z, k)
+
+
+def _check_frame(buf, ftype_expected=None):
+    n = len(buf)
+    if n > MAX_FRAME:
+        raise FrameError("too_long", "frame is %d bytes, at most %d allowed" % (n, MAX_FRAME))
+    if n < 2 + TAG_LEN:
+        raise FrameError("truncated", "frame is %d bytes, too short for any frame" % n)
+    version = buf[0] >> 4
+    ftype = buf[0] & 0x0F
+    if version != VERSION:
+        raise FrameError("version", "unsupported frame version %d (this codec reads 1)" % version)
+    if ftype not in (TYPE_DATA, TYPE_ACK, TYPE_STATUS):
+        raise FrameError("type", "unknown frame type %d" % ftype)
+    if ftype_expected is not None and ftype != ftype_expected:
+        raise FrameError("type", "expected frame type %d, got %d" % (ftype_expected, ftype))
+    return ftype
+
+
+def peek(buf):
+    """(version, frame type, node id) from the header, unverified: for picking the key."""
+    ftype = _check_frame(buf)
+    node_id, _ = _get_varint(buf, 1, len(buf) - TAG_LEN, "node id")
+    return VERSION, ftype, node_id
+
+
+def decode(buf, signer):
+    """Verify and decode any v1 frame: DataFrame, Ack or Status."""
+    ftype = _check_frame(buf)
+    if ftype == TYPE_DATA:
+        return decode_data(buf, signer)
+    if ftype == TYPE_ACK:
+        return decode_ack(buf, signer)
+    return decode_status(buf, signer)
+
+
+def decode_data(buf, signer):
+    _check_frame(buf, TYPE_DATA)
+    end = signer.verify(buf)
+    node_id, pos = _get_varint(buf, 1, end, "node id")
+    seq, pos = _get_varint(buf, pos, end, "sequence number")
+    r = _BitReader(buf, pos, end)
+    n = r.ue() + 1
+    if n > MAX_READINGS:
+        raise FrameError("structure", "reading count %d exceeds %d" % (n, MAX_READINGS))
+    if r.bits(1):
+        channels = BME280_CHANNELS
+    else:
+        nch = r.ue() + 1
+        if nch > 32:
+            raise FrameError("structure", "channel count %d exceeds 32" % nch)
+        channels = tuple(r.ue() for _ in range(nch))
+    if r.bits(1):
+        newest = r.ue()
+        ages = _decode_times(r, n, newest) if n > 1 else [newest]
+    else:
+        if n != 1:
+            raise FrameError("structure", "%d readings without timing" % n)
+        ages = [0]
+    columns = []
+    for ch in channels:
+        base, k0 = _channel_coding(ch)
+        value = base + _unzigzag(r.ue(k0))
+        column = [value]
+        if n > 1:
+            k = r.bits(4)
+            g = r.ue() + 1
+            for _ in range(n - 1):
+                value += g * _unzigzag(r.rice(k))
+                column.append(value)
+        for v in column:
+            if v < _I32_MIN or v > _I32_MAX:
+                raise FrameError("structure", "value of channel %d overflows 32 bits" % ch)
+        columns.append(column)
+    if not r.padding_ok():
+        raise FrameError("structure", "unexpected bytes after the readings")
+    readings = [tuple(col[i] for col in columns) for i in range(n)]
+    return DataFrame(node_id, seq, channels, readings, ages)
+
+
+def _decode_times(r, n, newest):
+    if r.bits(1):
+        interval = _INTERVALS[r.bits(3)]
+    else:
+        interval = r.ue(5)
+    gaps = []
+    if r.bits(1):
+        for _ in range(n - 1):
+            gaps.append(interval + _unzigzag(r.ue()))
+    else:
+        gaps = [interval] * (n - 1)
+    ages = [0] * n
+    age = newest
+    ages[n - 1] = age
+    for i in range(n - 2, -1, -1):
+        gap = gaps[i]
+        if gap < 0:
+            raise FrameError("structure", "negative gap between readings")
+        age += gap
+        if age > _MAX_U32:
+            raise FrameError("structure", "reading age exceeds 32 bits")
+        ages[i] = age
+    return ages
+
+
+def encode_ack(signer, node_id, host_time, acked):
+    """Signed ACK frame: host_time in unix seconds (UTC), acked a list of inclusive
+    (first_seq, last_seq) ranges, sorted and disjoint."""
+    _check_u32(node_id, "node_id")
+    _check_u32(host_time, "host_time")
+    if len(acked) > 32:
+        raise ValueError("an ack carries at most 32 ranges, got %d" % len(acked))
+    buf = bytearray(16 + 32 * 10)  # header, time, count, 32 ranges of two varints
+    pos = _header(buf, TYPE_ACK, node_id, None)
+    pos = _put_varint(buf, pos, host_time)
+    pos = _put_varint(buf, pos, len(acked))
+    nxt = 0
+    for first, last in acked:
+        _check_u32(first, "acked seq")
+        _check_u32(last, "acked seq")
+        if first < nxt or last < first:
+            raise ValueError("ack ranges must be sorted, disjoint and first <= last")
+        pos = _put_varint(buf, pos, first - nxt)
+        pos = _put_varint(buf, pos, last - first)
+        nxt = last + 1
+    return _finish(signer, buf, pos)
+
+
+def decode_ack(buf, signer):
+    _check_frame(buf, TYPE_ACK)
+    end = signer.verify(buf)
+    node_id, pos = _get_varint(buf, 1, end, "node id")
+    host_time, pos = _get_varint(buf, pos, end, "host time")
+    count, pos = _get_varint(buf, pos, end, "range count")
+    if count > 32:
+        raise FrameError("structure", "ack range count %d exceeds 32" % count)
+    acked = []
+    nxt = 0
+    for _ in range(count):
+        gap, pos = _get_varint(buf, pos, end, "acked seq")
+        span, pos = _get_varint(buf, pos, end, "acked span")
+        first = nxt + gap
+        last = first + span
+        if last > _MAX_U32:
+            raise FrameError("structure", "acked seq exceeds 32 bits")
+        acked.append((first, last))
+        nxt = last + 1
+    if pos != end:
+        raise FrameError("structure", "unexpected bytes after the ack ranges")
+    return Ack(node_id, host_time, acked)
+
+
+def encode_status(signer, node_id, seq, fields):
+    """Signed STATUS frame: fields a dict {field id: signed int} (see STATUS_FIELDS)."""
+    _check_u32(node_id, "node_id")
+    _check_u32(seq, "seq")
+    buf = bytearray(MAX_FRAME + 16)
+    pos = _header(buf, TYPE_STATUS, node_id, seq)
+    pos = _put_varint(buf, pos, len(fields))
+    for fid in sorted(fields):
+        _check_u32(fid, "status field id")
+        v = fields[fid]
+        if not isinstance(v, int) or v < _I32_MIN or v > _I32_MAX:
+            raise ValueError("status field %d: %r is not a 32-bit signed integer" % (fid, v))
+        if pos + 11 + TAG_LEN > MAX_FRAME:
+            raise FrameError("too_long", "frame would exceed %d bytes" % MAX_FRAME)
+        pos = _put_varint(buf, pos, fid)
+        pos = _put_varint(buf, pos, _zigzag(v))
+    return _finish(signer, buf, pos)
+
+
+def decode_status(buf, signer):
+    _check_frame(buf, TYPE_STATUS)
+    end = signer.verify(buf)
+    node_id, pos = _get_varint(buf, 1, end, "node id")
+    seq, pos = _get_varint(buf, pos, end, "sequence number")
+    count, pos = _get_varint(buf, pos, end, "field count")
+    fields = {}
+    for _ in range(count):
+        fid, pos = _get_varint(buf, pos, end, "status field id")
+        z, pos = _get_varint(buf, pos, end, "status field value")
+        fields[fid] = _unzigzag(z)
+    if pos != end:
+        raise FrameError("structure", "unexpected bytes after the status fields")
+    return Status(node_id, seq, fields)
