@@ -1,0 +1,66 @@
+# Compiles what goes onto a board (firmware/, boards/, protocols/) to .mpy with mpy-cross.
+# Used by the simulator, the tests and `citynode flash`; a 64 KB heap cannot compile sources.
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("protocols", "firmware", "boards")
+# Architectures of the supported boards (mpy-cross -march); None = bytecode only (unix port).
+ARCHES = {"unix": None, "esp32": "xtensawin", "esp32s3": "xtensawin", "rp2": "armv6m"}
+
+
+class BuildError(Exception):
+    pass
+
+
+def tool(name):
+    """Path of a command installed beside this Python (the venv), else on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise BuildError("%s not found: run `make test` or `pip install -e .` first" % name)
+    return found
+
+
+def sources(root=ROOT):
+    """(relative path, absolute path) of every .py file that goes onto a board."""
+    out = []
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            if "__pycache__" not in path.parts:
+                out.append((path.relative_to(root), path))
+    return out
+
+
+def build(dest, arch=None, root=ROOT):
+    """Compile every board source into dest (same tree, .mpy); returns {relative .mpy: size}.
+
+    Recompiles only files whose source is newer than their .mpy."""
+    dest = Path(dest)
+    mpy_cross = tool("mpy-cross")
+    sizes = {}
+    for rel, src in sources(root):
+        out = dest / rel.with_suffix(".mpy")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+            cmd = [mpy_cross, "-s", str(rel), "-o", str(out), str(src)]
+            if arch:
+                cmd.insert(1, "-march=" + arch)
+            proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise BuildError("mpy-cross failed on %s: %s" % (rel, proc.stderr.strip()))
+        sizes[str(rel.with_suffix(".mpy"))] = out.stat().st_size
+    # Data files the firmware reads at run time travel as they are.
+    for extra in sorted((root / "protocols").glob("*.json")):
+        shutil.copy2(extra, dest / "protocols" / extra.name)
+    return sizes
+
+
+def default_build_dir():
+    return Path(os.environ.get("CITYNODE_BUILD", ROOT / "build" / "unix"))
