@@ -51,7 +51,9 @@ def save_keys(path, keys):
         if isinstance(node_id, bool) or not isinstance(node_id, int):
             raise KeyFileError("%s: node id %r is not an integer" % (path, node_id))
         if not 0 <= node_id <= _MAX_NODE_ID:
-            raise KeyFileError("%s: node id %d is out of range 0..%d" % (path, node_id, _MAX_NODE_ID))
+            raise KeyFileError(
+                "%s: node id %d is out of range 0..%d" % (path, node_id, _MAX_NODE_ID)
+            )
         if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
             raise KeyFileError("%s: node %d: key must be %d bytes" % (path, node_id, KEY_BYTES))
         nodes[str(node_id)] = {"key": bytes(key).hex()}

@@ -14,7 +14,8 @@ _MAX_DATAGRAM = 65535  # read whole oversized datagrams so the codec can say "to
 
 class Rejected(Exception):
     """A datagram not accepted. `reason` is a snake_case code to count by (the codec's
-    FrameError reasons, or "unknown_node", "duplicate", "replay", "unsupported_type");
+    FrameError reasons, or "unknown_node", "duplicate", "replay", "unsupported_type" for an
+    ACK sent to the host);
     `message` says what exactly; `node_id` is the header's node id if it could be read."""
 
     def __init__(self, reason, message, node_id=None):
@@ -77,19 +78,24 @@ class Verifier:
         return signer
 
     def check(self, datagram):
-        """The verified DataFrame, or raise Rejected."""
+        """The verified DataFrame (or Status: health frames share the DATA seq space, SPEC.md),
+        or raise Rejected."""
         try:
             _, ftype, node_id = frame.peek(datagram)
         except frame.FrameError as e:
             raise Rejected(e.reason, str(e)) from None
         if node_id not in self.keys:
             raise Rejected("unknown_node", "no key for node %d" % node_id, node_id)
-        if ftype != frame.TYPE_DATA:
+        if ftype == frame.TYPE_DATA:
+            decode = frame.decode_data
+        elif ftype == frame.TYPE_STATUS:
+            decode = frame.decode_status
+        else:  # an ACK: downlink only
             raise Rejected(
-                "unsupported_type", "frame type %d is not a data frame" % ftype, node_id
+                "unsupported_type", "frame type %d is not an uplink frame" % ftype, node_id
             )
         try:
-            data = frame.decode_data(datagram, self.signer(node_id))
+            data = decode(datagram, self.signer(node_id))
         except frame.FrameError as e:
             if e.reason == "tag":
                 message = "bad tag for node %d (wrong key or corrupted frame)" % node_id
@@ -99,7 +105,9 @@ class Verifier:
         window = self._windows.get(node_id)
         seen = window.check(data.seq) if window is not None else None
         if seen == "duplicate":
-            raise Rejected("duplicate", "node %d seq %d already received" % (node_id, data.seq), node_id)
+            raise Rejected(
+                "duplicate", "node %d seq %d already received" % (node_id, data.seq), node_id
+            )
         if seen == "replay":
             raise Rejected(
                 "replay",
@@ -121,9 +129,9 @@ def iter_readings(data, rx_time):
     """(age_s, ts, quantity, value) for each value of a DataFrame received at rx_time (unix
     seconds, UTC); ts rounded to milliseconds."""
     quantities = [frame.quantity(ch) for ch in data.channels]
-    for raw_values, age in zip(data.readings, data.ages):
+    for raw_values, age in zip(data.readings, data.ages, strict=True):
         ts = round(rx_time - age, 3)
-        for (name, scale), raw in zip(quantities, raw_values):
+        for (name, scale), raw in zip(quantities, raw_values, strict=True):
             yield age, ts, name, raw / scale
 
 
@@ -155,6 +163,8 @@ class Receiver:
             )
             return None
         rx_time = self.clock()
+        if isinstance(received, frame.Status):
+            return self._status(received, rx_time)
         rows = frame_rows(received, rx_time)
         try:
             self.sink.write(rows)
@@ -168,9 +178,23 @@ class Receiver:
                 e,
             )
             return None
-        self.verifier.accept(received)
         self.counters["frames_accepted"] += 1
         self.counters["readings_accepted"] += len(received.readings)
+        return self._accept(received, rx_time)
+
+    def _status(self, status, rx_time):
+        # Node health has no sink yet: the log line is its record. Acked so the node stops
+        # re-sending it; it carries no readings, so nothing is acked before it is durable.
+        fields = " ".join(
+            "%s=%d" % (frame.STATUS_FIELDS.get(f, "field_%d" % f), v)
+            for f, v in sorted(status.fields.items())
+        )
+        self.log.info("status node=%d seq=%d %s", status.node_id, status.seq, fields)
+        self.counters["status_accepted"] += 1
+        return self._accept(status, rx_time)
+
+    def _accept(self, received, rx_time):
+        self.verifier.accept(received)
         signer = self.verifier.signer(received.node_id)
         return frame.encode_ack(
             signer, received.node_id, int(rx_time), [(received.seq, received.seq)]
