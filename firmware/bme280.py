@@ -46,11 +46,9 @@ _T_MEASURE_MAX_MS = const(10)
 _POLL_MS = const(1)
 _POLLS_MAX = const(20)
 
-# Value of a data register when its measurement was skipped (osrs = 0) or never made: the reset
-# values of Table 18. A real reading can hit them, so read() measures once more to confirm.
+# Values of the data registers when no measurement was made: the reset values of Table 18.
 _ADC_SKIPPED = const(0x80000)
 _ADC_H_SKIPPED = const(0x8000)
-_SKIP_CONFIRMS = const(1)
 
 
 class SensorError(Exception):
@@ -242,21 +240,13 @@ class BME280:
 
     def read(self):
         """One forced measurement: (temperature 0.01 °C, humidity 0.01 %RH, pressure Pa)."""
-        confirms = _SKIP_CONFIRMS
-        while True:
-            self._measure()
-            d = self._data
-            adc_p = (d[0] << 12) | (d[1] << 4) | (d[2] >> 4)  # 5.4.7 press[19:0]
-            adc_t = (d[3] << 12) | (d[4] << 4) | (d[5] >> 4)  # 5.4.8 temp[19:0]
-            adc_h = (d[6] << 8) | d[7]  # 5.4.9 hum[15:0]
-            if adc_t != _ADC_SKIPPED and adc_p != _ADC_SKIPPED and adc_h != _ADC_H_SKIPPED:
-                break
-            if confirms == 0:
-                raise SensorError(
-                    "bme280: measurement skipped at 0x%02x (raw T 0x%05x P 0x%05x H 0x%04x)"
-                    % (self.address, adc_t, adc_p, adc_h)
-                )
-            confirms -= 1
+        self._measure()
+        d = self._data
+        adc_p = (d[0] << 12) | (d[1] << 4) | (d[2] >> 4)  # 5.4.7 press[19:0]
+        adc_t = (d[3] << 12) | (d[4] << 4) | (d[5] >> 4)  # 5.4.8 temp[19:0]
+        adc_h = (d[6] << 8) | d[7]  # 5.4.9 hum[15:0]
+        if adc_t == _ADC_SKIPPED or adc_p == _ADC_SKIPPED or adc_h == _ADC_H_SKIPPED:
+            self._check_not_skipped(adc_t, adc_p, adc_h)
         cal = self.calibration
         tf = t_fine(cal, adc_t)
         p_q8 = pressure_q24_8(cal, adc_p, tf)
@@ -265,6 +255,28 @@ class BME280:
             print("bme280: adc", adc_t, adc_p, adc_h, "t_fine", tf)
         # Round Q22.10 %RH to 0.01 %RH and Q24.8 Pa to Pa, half up
         return temperature_centi(tf), (h_q10 * 100 + 512) >> 10, (p_q8 + 128) >> 8
+
+    def _check_not_skipped(self, adc_t, adc_p, adc_h):
+        # A reset value (Table 18) is also a possible reading (0x80000 is ~26 degC): it means
+        # "skipped" only if that measurement's oversampling is off, i.e. the chip lost its
+        # settings (a reset or a dropped ctrl_hum write). Read them back to tell (5.4.3, 5.4.5).
+        try:
+            ctrl = self._i2c.readfrom_mem(self.address, _REG_CTRL_HUM, 3)  # 0xF2..0xF4
+        except OSError as e:
+            raise self._bus_error(e)  # noqa: B904
+        osrs_h = ctrl[0] & 0x07
+        osrs_t = ctrl[2] >> 5
+        osrs_p = (ctrl[2] >> 2) & 0x07
+        if (
+            (adc_h == _ADC_H_SKIPPED and not osrs_h)
+            or (adc_t == _ADC_SKIPPED and not osrs_t)
+            or (adc_p == _ADC_SKIPPED and not osrs_p)
+        ):
+            raise SensorError(
+                "bme280: measurement skipped at 0x%02x (ctrl_hum 0x%02x ctrl_meas 0x%02x; "
+                "raw T 0x%05x P 0x%05x H 0x%04x)"
+                % (self.address, ctrl[0], ctrl[2], adc_t, adc_p, adc_h)
+            )
 
     def _measure(self):
         # Forced mode: ctrl_hum first, since it only latches on the following ctrl_meas write

@@ -16,7 +16,7 @@ import time
 from host_tools.keys import KeyFileError, load_keys, load_keys_or_single
 from host_tools.receiver import Receiver, Verifier, iter_readings, serve_udp
 from host_tools.sinks import JsonlSink, SinkError, SqliteSink, TeeSink
-from protocols import frame
+from protocols import frame, uplink
 
 DEFAULT_DB = "citynode.db"
 DEFAULT_UDP = "0.0.0.0:1700"
@@ -98,7 +98,7 @@ class _FrameDecoder:
             raise CliError(str(e)) from None
         signer = self._signer(node_id)
         try:
-            decoded = frame.decode(buf, signer)
+            decoded = uplink.decode(buf, signer)
         except frame.FrameError as e:
             if e.reason == "tag":
                 raise CliError(
@@ -108,7 +108,7 @@ class _FrameDecoder:
         return self._objects(decoded)
 
     def _objects(self, decoded):
-        if isinstance(decoded, frame.DataFrame):
+        if isinstance(decoded, uplink.DataFrame):
             return [
                 {
                     "node_id": decoded.node_id,
@@ -131,7 +131,9 @@ class _FrameDecoder:
                     "acked": [list(r) for r in decoded.acked],
                 }
             ]
-        fields = {frame.STATUS_FIELDS.get(f, "field_%d" % f): v for f, v in decoded.fields.items()}
+        fields = {
+            uplink.STATUS_FIELDS.get(f, "field_%d" % f): v for f, v in decoded.fields.items()
+        }
         return [
             {"type": "status", "node_id": decoded.node_id, "seq": decoded.seq, "fields": fields}
         ]
@@ -297,16 +299,16 @@ def add_demo_args(p):
         "--interval", type=int, default=60, metavar="S", help="sampling interval, s (60)"
     )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (0)")
+    p.add_argument("--workdir", metavar="DIR", help="keep node filesystems and console logs here")
 
 
 def cmd_demo(args):
+    from host_tools import demo
+
     try:
-        from host_tools.demo import main as demo_main
-    except ModuleNotFoundError as e:
-        if e.name != "host_tools.demo":
-            raise
-        raise CliError("demo is not available: host_tools/demo.py is missing") from None
-    return demo_main(args)
+        return demo.main(args)
+    except demo.DemoError as e:
+        raise CliError(str(e)) from None
 
 
 # --- the table --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import collections
 import logging
 import time
 
-from protocols import frame
+from protocols import frame, uplink
 
 _MAX_DATAGRAM = 65535  # read whole oversized datagrams so the codec can say "too_long"
 
@@ -87,9 +87,9 @@ class Verifier:
         if node_id not in self.keys:
             raise Rejected("unknown_node", "no key for node %d" % node_id, node_id)
         if ftype == frame.TYPE_DATA:
-            decode = frame.decode_data
+            decode = uplink.decode_data
         elif ftype == frame.TYPE_STATUS:
-            decode = frame.decode_status
+            decode = uplink.decode_status
         else:  # an ACK: downlink only
             raise Rejected(
                 "unsupported_type", "frame type %d is not an uplink frame" % ftype, node_id
@@ -163,7 +163,7 @@ class Receiver:
             )
             return None
         rx_time = self.clock()
-        if isinstance(received, frame.Status):
+        if isinstance(received, uplink.Status):
             return self._status(received, rx_time)
         rows = frame_rows(received, rx_time)
         try:
@@ -186,7 +186,7 @@ class Receiver:
         # Node health has no sink yet: the log line is its record. Acked so the node stops
         # re-sending it; it carries no readings, so nothing is acked before it is durable.
         fields = " ".join(
-            "%s=%d" % (frame.STATUS_FIELDS.get(f, "field_%d" % f), v)
+            "%s=%d" % (uplink.STATUS_FIELDS.get(f, "field_%d" % f), v)
             for f, v in sorted(status.fields.items())
         )
         self.log.info("status node=%d seq=%d %s", status.node_id, status.seq, fields)

@@ -1,5 +1,7 @@
-# citynode frame codec, format v1: the one implementation of protocols/SPEC.md.
-# Pure and sans-IO; runs unchanged on MicroPython (ESP32, RP2, unix port) and CPython 3.11+.
+# citynode frame codec, format v1, the part a node needs: encode DATA and STATUS, decode ACK.
+# With uplink.py (decode DATA and STATUS) the one implementation of protocols/SPEC.md; pure,
+# sans-IO, and unchanged on MicroPython (ESP32, RP2, unix port) and CPython 3.11+. Split in
+# two so that a node's 64 KB heap holds only the half it runs.
 
 try:
     from micropython import const
@@ -47,19 +49,6 @@ CHANNELS = {
 }
 BME280_CHANNELS = (1, 2, 3)
 _GENERIC = (0, 8)
-
-# Status frame fields (SPEC.md "Status frame"): id -> name.
-STATUS_FIELDS = {
-    1: "boot_count",
-    2: "reset_cause",
-    3: "free_heap",
-    4: "journal_fill",
-    5: "readings_dropped",
-    6: "rssi_dbm",
-    7: "fw_version",
-    8: "sensor_faults",
-    9: "uptime_s",
-}
 
 
 class FrameError(ValueError):
@@ -185,45 +174,6 @@ class _BitWriter:
         return self.pos
 
 
-class _BitReader:
-    """MSB-first bit reader over buf[start:end], held as one integer of the unread bits."""
-
-    def __init__(self, buf, start, end):
-        self.v = int.from_bytes(bytes(buf[start:end]), "big")
-        self.left = 8 * (end - start)  # bits not yet read
-
-    def bits(self, n):
-        left = self.left - n
-        if left < 0:
-            raise FrameError("truncated", "frame ends inside its readings")
-        self.left = left
-        value = self.v >> left
-        self.v ^= value << left
-        return value
-
-    def ue(self, k=0):
-        zeros = self.left - _bit_length(self.v)
-        if zeros > _MAX_UE_ZEROS:
-            raise FrameError("structure", "Exp-Golomb code longer than 34 bits")
-        m = self.bits(2 * zeros + 1)  # the zeros, then m's zeros + 1 significant bits
-        return ((m - 1) << k) | self.bits(k)
-
-    def rice(self, k):
-        left = self.left
-        window = _RICE_ESCAPE + 1 if left > _RICE_ESCAPE else left
-        head = self.v >> (left - window)  # the next bits, to count leading ones
-        q = window - _bit_length(head ^ ((1 << window) - 1))
-        if q >= _RICE_ESCAPE:
-            self.bits(_RICE_ESCAPE)
-            return self.ue()
-        # q ones, a zero and k remainder bits in one read
-        return (q << k) | (self.bits(q + 1 + k) & ((1 << k) - 1))
-
-    def padding_ok(self):
-        # Fewer than 8 bits may be left, and they must be zero.
-        return self.left < 8 and self.v == 0
-
-
 try:
     _bit_length = int.bit_length
 except AttributeError:  # MicroPython ints have no bit_length()
@@ -287,9 +237,7 @@ try:
 except ImportError:  # pragma: no cover - very small ports
     from ucollections import namedtuple
 
-DataFrame = namedtuple("DataFrame", ("node_id", "seq", "channels", "readings", "ages"))
 Ack = namedtuple("Ack", ("node_id", "host_time", "acked"))
-Status = namedtuple("Status", ("node_id", "seq", "fields"))
 
 
 def _header(buf, ftype, node_id, seq):
@@ -454,85 +402,6 @@ def peek(buf):
     return VERSION, ftype, node_id
 
 
-def decode(buf, signer):
-    """Verify and decode any v1 frame: DataFrame, Ack or Status."""
-    ftype = _check_frame(buf)
-    if ftype == TYPE_DATA:
-        return decode_data(buf, signer)
-    if ftype == TYPE_ACK:
-        return decode_ack(buf, signer)
-    return decode_status(buf, signer)
-
-
-def decode_data(buf, signer):
-    _check_frame(buf, TYPE_DATA)
-    end = signer.verify(buf)
-    node_id, pos = _get_varint(buf, 1, end, "node id")
-    seq, pos = _get_varint(buf, pos, end, "sequence number")
-    r = _BitReader(buf, pos, end)
-    n = r.ue() + 1
-    if n > MAX_READINGS:
-        raise FrameError("structure", "reading count %d exceeds %d" % (n, MAX_READINGS))
-    if r.bits(1):
-        channels = BME280_CHANNELS
-    else:
-        nch = r.ue() + 1
-        if nch > 32:
-            raise FrameError("structure", "channel count %d exceeds 32" % nch)
-        channels = tuple(r.ue() for _ in range(nch))
-    if r.bits(1):
-        newest = r.ue()
-        ages = _decode_times(r, n, newest) if n > 1 else [newest]
-    else:
-        if n != 1:
-            raise FrameError("structure", "%d readings without timing" % n)
-        ages = [0]
-    columns = []
-    for ch in channels:
-        base, k0 = _channel_coding(ch)
-        value = base + _unzigzag(r.ue(k0))
-        column = [value]
-        if n > 1:
-            k = r.bits(4)
-            g = r.ue() + 1
-            for _ in range(n - 1):
-                value += g * _unzigzag(r.rice(k))
-                column.append(value)
-        for v in column:
-            if v < _I32_MIN or v > _I32_MAX:
-                raise FrameError("structure", "value of channel %d overflows 32 bits" % ch)
-        columns.append(column)
-    if not r.padding_ok():
-        raise FrameError("structure", "unexpected bytes after the readings")
-    readings = [tuple(col[i] for col in columns) for i in range(n)]
-    return DataFrame(node_id, seq, channels, readings, ages)
-
-
-def _decode_times(r, n, newest):
-    if r.bits(1):
-        interval = _INTERVALS[r.bits(3)]
-    else:
-        interval = r.ue(5)
-    gaps = []
-    if r.bits(1):
-        for _ in range(n - 1):
-            gaps.append(interval + _unzigzag(r.ue()))
-    else:
-        gaps = [interval] * (n - 1)
-    ages = [0] * n
-    age = newest
-    ages[n - 1] = age
-    for i in range(n - 2, -1, -1):
-        gap = gaps[i]
-        if gap < 0:
-            raise FrameError("structure", "negative gap between readings")
-        age += gap
-        if age > _MAX_U32:
-            raise FrameError("structure", "reading age exceeds 32 bits")
-        ages[i] = age
-    return ages
-
-
 def encode_ack(signer, node_id, host_time, acked):
     """Signed ACK frame: host_time in unix seconds (UTC), acked a list of inclusive
     (first_seq, last_seq) ranges, sorted and disjoint."""
@@ -597,19 +466,3 @@ def encode_status(signer, node_id, seq, fields):
         pos = _put_varint(buf, pos, fid)
         pos = _put_varint(buf, pos, _zigzag(v))
     return _finish(signer, buf, pos)
-
-
-def decode_status(buf, signer):
-    _check_frame(buf, TYPE_STATUS)
-    end = signer.verify(buf)
-    node_id, pos = _get_varint(buf, 1, end, "node id")
-    seq, pos = _get_varint(buf, pos, end, "sequence number")
-    count, pos = _get_varint(buf, pos, end, "field count")
-    fields = {}
-    for _ in range(count):
-        fid, pos = _get_varint(buf, pos, end, "status field id")
-        z, pos = _get_varint(buf, pos, end, "status field value")
-        fields[fid] = _unzigzag(z)
-    if pos != end:
-        raise FrameError("structure", "unexpected bytes after the status fields")
-    return Status(node_id, seq, fields)

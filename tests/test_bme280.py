@@ -362,3 +362,13 @@ def test_sim_bus_absent_address_and_scan():
     with pytest.raises(OSError) as e:
         i2c.readfrom_mem(0x77, 0xD0, 1)
     assert e.value.args[0] == 19
+
+
+def test_reset_value_is_a_real_reading_when_oversampling_is_on():
+    # 0x80000 is the temperature register's reset value and also about 26 degC: a node in a
+    # room at that temperature must not report a fault (seen in the fleet demo).
+    sim = SimBME280()
+    sim.set_raw(0x80000, 0x80000, 0x8000)
+    t, h, p = BME280(SimI2C({ADDRESS: sim})).read()
+    assert t == temperature_centi(t_fine(sim.calibration, 0x80000))
+    assert 0 <= h <= 10000 and 30000 <= p <= 110000

@@ -23,7 +23,7 @@ from host_tools.receiver import (
     serve_udp,
 )
 from host_tools.sinks import JsonlSink, SinkError, SqliteSink, TeeSink
-from protocols import frame
+from protocols import frame, uplink
 
 KEY7 = bytes(range(16))
 KEY8 = bytes(range(100, 116))
@@ -347,7 +347,7 @@ def test_sink_failure_means_no_ack_and_retransmission_accepted(db_path, caplog):
 
 
 def test_sqlite_schema_and_insert_or_ignore(sink, db_path):
-    rows = frame_rows(frame.decode_data(data_frame(), frame.Signer(KEY7)), RX_TIME)
+    rows = frame_rows(uplink.decode_data(data_frame(), frame.Signer(KEY7)), RX_TIME)
     assert sink.write(rows) == 9
     assert sink.write(rows) == 0
     with sqlite3.connect(db_path) as db:

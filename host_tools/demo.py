@@ -1,0 +1,169 @@
+# `citynode demo`: a simulated fleet end to end. Real firmware on the MicroPython unix port and
+# the simulated board -> binary frames over loopback UDP -> receiver (verify) -> SQLite.
+
+import bisect
+import json
+import logging
+import secrets
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from host_tools import weather
+from host_tools.fleet import Fleet, NodeSpec
+from host_tools.receiver import Receiver, Verifier
+from host_tools.sinks import SqliteSink
+
+KOPER_START = 1782864000  # 2026-07-01T00:00:00Z: a summer day on the coast
+QUANTITIES = ("temperature_c", "humidity_pct", "pressure_hpa")
+TS_TOLERANCE_S = 2.0  # a stored reading is "this row" if its timestamp is within this
+
+
+class DemoError(Exception):
+    pass
+
+
+def world_rows(args, node_index):
+    """The conditions each node senses: a slice of a real trace, or generated Koper weather."""
+    span_s = int(args.hours * 3600)
+    if args.trace:
+        try:
+            rows = weather.read_trace(args.trace)
+        except OSError as e:
+            raise DemoError("cannot read trace %s: %s" % (args.trace, e.strerror)) from None
+        if not rows:
+            raise DemoError("trace %s has no rows" % args.trace)
+        end = rows[0][0] + span_s
+        return [r for r in rows if r[0] < end]
+    count = max(1, span_s // args.interval)
+    return weather.generate(KOPER_START, args.interval, count, seed=args.seed * 1000 + node_index)
+
+
+def run(args, workdir):
+    if args.nodes < 1:
+        raise DemoError("--nodes must be at least 1")
+    if args.batch < 1 or args.batch > 64:
+        raise DemoError("--batch must be 1..64")
+    specs = []
+    for i in range(args.nodes):
+        rows = world_rows(args, i)
+        interval = args.interval
+        if args.trace and len(rows) > 1:
+            gaps = sorted(b[0] - a[0] for a, b in zip(rows, rows[1:], strict=False))
+            interval = max(1, gaps[len(gaps) // 2])  # the trace's own cadence
+        specs.append(NodeSpec(i + 1, secrets.token_bytes(16), rows, interval, args.batch))
+    keys = {s.node_id: s.key for s in specs}
+    db = Path(args.db)
+    for stale in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
+        stale.unlink(missing_ok=True)  # the demo's file: each run starts from an empty table
+    sink = SqliteSink(db)
+    fleet = Fleet(workdir, specs, receiver=None)
+    receiver = Receiver(Verifier(keys), sink, clock=fleet.clock)
+    fleet.receiver = receiver
+    t0 = time.monotonic()
+    try:
+        results = fleet.run()
+    finally:
+        sink.close()
+    elapsed = time.monotonic() - t0
+    return summarize(specs, results, receiver, db, elapsed)
+
+
+def summarize(specs, results, receiver, db, elapsed):
+    stats = [r["stats"] for r in results]
+    sampled = sum(s.get("sampled", 0) for s in stats)
+    frames_sent = sum(s.get("frames_sent", 0) for s in stats)
+    uplink_bytes = sum(s.get("bytes_sent", 0) for s in stats)
+    con = sqlite3.connect(db)
+    try:
+        stored = 0
+        unmatched = 0
+        max_ts_error = 0.0
+        max_diff = {q: 0.0 for q in QUANTITIES}
+        for spec in specs:
+            by_ts = {}
+            for ts, q, v in con.execute(
+                "SELECT ts, quantity, value FROM readings WHERE node_id = ?", (spec.node_id,)
+            ):
+                by_ts.setdefault(ts, {})[q] = v
+            stored += len(by_ts)
+            times = sorted(by_ts)
+            for row in spec.rows:
+                # The stored reading nearest to the moment the node sensed this row.
+                i = bisect.bisect_left(times, row[0])
+                near = [t for t in times[max(0, i - 1) : i + 1]]
+                if not near:
+                    continue
+                ts = min(near, key=lambda t: abs(t - row[0]))
+                if abs(ts - row[0]) > TS_TOLERANCE_S:
+                    continue
+                max_ts_error = max(max_ts_error, abs(ts - row[0]))
+                got = by_ts[ts]
+                for q, expected in zip(QUANTITIES, row[1:], strict=True):
+                    if q in got:
+                        max_diff[q] = max(max_diff[q], abs(got[q] - expected))
+                    else:
+                        unmatched += 1
+    finally:
+        con.close()
+    counters = receiver.counters
+    rejected = sum(v for k, v in counters.items() if k.startswith("rejected_"))
+    return {
+        "nodes": len(specs),
+        "readings_sampled": sampled,
+        "readings_stored": stored,
+        "readings_lost": sampled - stored,
+        "frames_sent": frames_sent,
+        "frames_accepted": counters.get("frames_accepted", 0),
+        "frames_rejected": rejected,
+        "uplink_bytes": uplink_bytes,
+        "bytes_per_reading": round(uplink_bytes / stored, 2) if stored else None,
+        "max_abs_diff": {q: round(v, 4) for q, v in max_diff.items()},
+        "max_ts_error_s": round(max_ts_error, 3),
+        "missing_values": unmatched,
+        "simulated_hours": round(max((s.rows[-1][0] - s.rows[0][0]) for s in specs) / 3600, 2),
+        "wall_seconds": round(elapsed, 2),
+        "db": str(db),
+        "node_exit_codes": [r["exit_code"] for r in results],
+        "node_logs": [r["log"] for r in results],
+    }
+
+
+def render(summary):
+    d = summary["max_abs_diff"]
+    lines = [
+        "citynode demo: %d nodes, %.1f simulated hours in %.1f s"
+        % (summary["nodes"], summary["simulated_hours"], summary["wall_seconds"]),
+        "  readings: %d sampled, %d stored, %d lost"
+        % (summary["readings_sampled"], summary["readings_stored"], summary["readings_lost"]),
+        "  frames:   %d sent, %d accepted, %d rejected"
+        % (summary["frames_sent"], summary["frames_accepted"], summary["frames_rejected"]),
+        "  uplink:   %d bytes, %s bytes per reading"
+        % (summary["uplink_bytes"], summary["bytes_per_reading"]),
+        "  largest difference stored - sensed: %.2f degC, %.2f %%RH, %.4f hPa, %.3f s"
+        % (d["temperature_c"], d["humidity_pct"], d["pressure_hpa"], summary["max_ts_error_s"]),
+        "  readings in %s (table readings)" % summary["db"],
+    ]
+    if summary.get("workdir"):
+        lines.append("  node consoles (serial logs): %s/node-*/console.log" % summary["workdir"])
+    return "\n".join(lines)
+
+
+def main(args):
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    keep = getattr(args, "workdir", None)
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        summary = run(args, Path(keep))
+        summary["workdir"] = str(keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="citynode-demo-") as tmp:
+            summary = run(args, Path(tmp))
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(render(summary))
+    return 0 if summary["readings_lost"] == 0 else 1
