@@ -104,7 +104,9 @@ class Fleet:
             "uplink": "127.0.0.1:%d" % uplink.getsockname()[1],
             "sim": {"clock": "127.0.0.1:%d" % control.getsockname()[1]},
         }
-        config.update(spec.extra_config)
+        extra = dict(spec.extra_config)
+        config["sim"].update(extra.pop("sim", {}))
+        config.update(extra)
         (home / "config.json").write_text(json.dumps(config, indent=1))
         log_path = home / "console.log"
         log_file = open(log_path, "w")

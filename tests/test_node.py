@@ -1,0 +1,238 @@
+# The node firmware end to end: real MicroPython processes (64 KB heap) on the simulated board,
+# frames over loopback UDP to the real receiver and a SQLite file, driven by the fleet simulator.
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import shared_trace
+
+from host_tools import weather
+from host_tools.fleet import Fleet, NodeSpec
+from host_tools.receiver import Receiver, Verifier
+from host_tools.sinks import SqliteSink
+from protocols import frame
+
+KEY = bytes(range(16))
+START = 1782864000
+
+
+def run_fleet(tmp_path, specs, wrap=None):
+    sink = SqliteSink(tmp_path / "readings.db")
+    fleet = Fleet(tmp_path / "fleet", specs, receiver=None, build_dir=tmp_path / "build")
+    receiver = Receiver(Verifier({s.node_id: s.key for s in specs}), sink, clock=fleet.clock)
+    fleet.receiver = wrap(receiver) if wrap else receiver
+    try:
+        results = fleet.run(timeout_s=120)
+    finally:
+        sink.close()
+    con = sqlite3.connect(tmp_path / "readings.db")
+    rows = con.execute("SELECT node_id, ts, quantity, value FROM readings ORDER BY ts").fetchall()
+    con.close()
+    return results, rows, receiver
+
+
+def console(result):
+    return open(result["log"]).read()
+
+
+def generated(n, interval=60, seed=0):
+    return weather.generate(START, interval, n, seed=seed)
+
+
+def test_demo_command_three_nodes_one_day(tmp_path):
+    db = tmp_path / "demo.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "host_tools.cli", "demo", "--nodes", "3", "--hours", "24"]
+        + ["--json", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["readings_sampled"] == 3 * 24 * 60
+    assert s["readings_stored"] == s["readings_sampled"]
+    assert s["readings_lost"] == 0 and s["frames_rejected"] == 0
+    assert s["frames_sent"] == s["frames_accepted"] == 3 * 24 * 6
+    # 0.01 %RH: the BME280's humidity step (1/1024 %RH before rounding), see test_bme280.py
+    assert s["max_abs_diff"]["temperature_c"] <= 0.005
+    assert s["max_abs_diff"]["humidity_pct"] <= 0.0100001
+    assert s["max_abs_diff"]["pressure_hpa"] <= 0.005
+    assert s["max_ts_error_s"] <= 0.5
+    assert s["bytes_per_reading"] == pytest.approx(s["uplink_bytes"] / s["readings_stored"], 0.01)
+    assert s["node_exit_codes"] == [0, 0, 0]
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 3 * 3 * 24 * 60
+
+
+def test_trace_replay_stores_each_row_at_its_time(tmp_path):
+    rows = weather.read_trace(shared_trace("bme280_indoor_1min.csv"))[:300]
+    results, stored, _ = run_fleet(tmp_path, [NodeSpec(7, KEY, rows, 60, 10)])
+    by_ts = {}
+    for node_id, ts, q, v in stored:
+        assert node_id == 7
+        by_ts.setdefault(ts, {})[q] = v
+    times = sorted(by_ts)
+    assert len(times) == len(rows)
+    for (t, temp, hum, pres), ts in zip(rows, times, strict=True):
+        assert abs(ts - t) < 0.5  # the trace's irregular 60/61 s steps survive
+        got = by_ts[ts]
+        assert got["temperature_c"] == pytest.approx(temp, abs=0.005)
+        assert got["humidity_pct"] == pytest.approx(hum, abs=0.0100001)
+        assert got["pressure_hpa"] == pytest.approx(pres, abs=0.005)
+    assert results[0]["stats"]["sampled"] == len(rows)
+
+
+def test_node_log_lines_are_greppable(tmp_path):
+    results, _, _ = run_fleet(tmp_path, [NodeSpec(3, KEY, generated(25), 60, 10)])
+    lines = console(results[0]).splitlines()
+    assert lines[0].startswith("I 0.000 node started ")
+    assert "node=3" in lines[0] and "fw=" in lines[0]
+    sent = [ln for ln in lines if " link sent frame " in ln]
+    assert len(sent) == 3  # 10 + 10 + the 5 flushed when the simulated world ends
+    level, uptime, subsystem = sent[0].split()[:3]
+    assert (level, subsystem) == ("I", "link") and float(uptime) == pytest.approx(540, abs=1)
+    assert "seq=0" in sent[0] and "readings=10" in sent[0]
+
+
+class ForgeFirstAcks:
+    """A receiver whose first n acks are signed with the wrong key (an attacker, or a host
+    with a stale registry): the node must reject them and keep its readings."""
+
+    def __init__(self, receiver, n):
+        self.receiver, self.n = receiver, n
+
+    def datagram(self, data):
+        ack = self.receiver.datagram(data)
+        if ack is not None and self.n > 0:
+            self.n -= 1
+            a = frame.decode_ack(ack, self.receiver.verifier.signer(frame.peek(ack)[2]))
+            return frame.encode_ack(frame.Signer(bytes(16)), a.node_id, a.host_time, a.acked)
+        return ack
+
+    def __getattr__(self, name):
+        return getattr(self.receiver, name)
+
+
+def test_forged_acks_are_rejected_and_readings_resent(tmp_path):
+    results, stored, receiver = run_fleet(
+        tmp_path, [NodeSpec(5, KEY, generated(40), 60, 10)], wrap=lambda r: ForgeFirstAcks(r, 2)
+    )
+    log = console(results[0])
+    assert log.count("link ack rejected") == 2
+    assert "reason=tag" in log
+    assert log.count("no ack, will retry") == 2
+    stats = results[0]["stats"]
+    assert stats["acks_rejected"] == 2 and stats["frames_sent"] == stats["frames_acked"] + 2
+    # Nothing lost and nothing doubled: the resent readings land on the same rows.
+    assert len({(n, ts) for n, ts, _, _ in stored}) == 40
+    # The two refused frames were resent under new seqs: 20 readings arrived twice. Lockstep
+    # time makes their timestamps identical, so the primary key keeps one row each.
+    assert receiver.counters["readings_accepted"] == 40 + 20
+
+
+class DropFirst:
+    """A host that is down for the first n frames: no ack at all."""
+
+    def __init__(self, receiver, n):
+        self.receiver, self.n = receiver, n
+
+    def datagram(self, data):
+        if self.n > 0:
+            self.n -= 1
+            return None
+        return self.receiver.datagram(data)
+
+    def __getattr__(self, name):
+        return getattr(self.receiver, name)
+
+
+def test_host_down_readings_kept_until_acked(tmp_path):
+    results, stored, _ = run_fleet(
+        tmp_path, [NodeSpec(6, KEY, generated(60), 60, 10)], wrap=lambda r: DropFirst(r, 5)
+    )
+    assert console(results[0]).count("no ack, will retry") == 5
+    assert len({ts for _, ts, _, _ in stored}) == 60
+    assert results[0]["stats"]["dropped"] == 0
+
+
+def test_missing_sensor_is_logged_and_node_keeps_running(tmp_path):
+    spec = NodeSpec(8, KEY, generated(5), 60, 10, extra_config={"sim": {"bme280": False}})
+    results, stored, _ = run_fleet(tmp_path, [spec])
+    log = console(results[0])
+    assert log.count("E ") >= 5
+    assert "sensor bme280: no device at 0x76 (OSError 19)" in log
+    assert results[0]["exit_code"] == 0 and stored == []
+    assert results[0]["stats"]["sensor_faults"] == 5
+
+
+def test_bmp280_instead_of_bme280_is_named(tmp_path):
+    spec = NodeSpec(9, KEY, generated(3), 60, 10, extra_config={"sim": {"chip_id": 0x58}})
+    results, stored, _ = run_fleet(tmp_path, [spec])
+    assert "chip id 0x58 at 0x76, expected 0x60 (0x58 is a BMP280" in console(results[0])
+    assert results[0]["exit_code"] == 0 and stored == []
+
+
+def boot_alone(tmp_path, board_build, config_text):
+    """Boot the firmware with a given config.json and no simulator; return its first lines."""
+    home = tmp_path / "node"
+    home.mkdir()
+    if config_text is not None:
+        (home / "config.json").write_text(config_text)
+    env = dict(os.environ, MICROPYPATH=".frozen:%s" % board_build["dir"])
+    proc = subprocess.Popen(
+        [
+            board_build["micropython"],
+            "-X",
+            "heapsize=64K",
+            "-c",
+            "from firmware import main; main.run()",
+        ],
+        cwd=home,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        time.sleep(0.3)
+        assert proc.poll() is None, "the node halted: " + line + proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    return line.strip()
+
+
+GOOD = {"node_id": 1, "key": "00" * 16, "board": "sim", "uplink": "127.0.0.1:1700"}
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        (None, "config: cannot read config.json (not provisioned?)"),
+        ("{not json", "config: config.json is not valid JSON"),
+        (
+            json.dumps({k: v for k, v in GOOD.items() if k != "node_id"}),
+            "missing required field 'node_id'",
+        ),
+        (
+            json.dumps(dict(GOOD, key="00" * 15)),
+            "key must be 32 hex characters (16 bytes), got 30",
+        ),
+        (json.dumps(dict(GOOD, key="zz" * 16)), "config: key is not hexadecimal"),
+        (json.dumps(dict(GOOD, node_id="7")), "config: node_id must be an integer, got '7'"),
+        (json.dumps(dict(GOOD, interval_s=0)), "config: interval_s must be 1..86400, got 0"),
+        (json.dumps(dict(GOOD, uplink="nowhere")), "config: uplink must be 'host:port'"),
+        (json.dumps(dict(GOOD, board="esp99")), "config: unknown board 'esp99'"),
+        ("[1, 2]", "config: top level must be a JSON object"),
+    ],
+)
+def test_bad_config_is_reported_and_node_waits(tmp_path, board_build, config_text, message):
+    line = boot_alone(tmp_path, board_build, config_text)
+    assert line.startswith("E 0.")
+    assert " config " in line and message in line and "retry_s=10" in line
