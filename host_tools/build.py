@@ -33,7 +33,7 @@ def sources(root=ROOT):
     out = []
     for pkg in PACKAGES:
         for path in sorted((root / pkg).rglob("*.py")):
-            if "__pycache__" not in path.parts:
+            if "__pycache__" not in path.parts and "vectors" not in path.parts:
                 out.append((path.relative_to(root), path))
     return out
 

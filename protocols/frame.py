@@ -26,12 +26,12 @@ KEY_LEN = const(16)
 TAG_LEN = const(4)
 MAX_FRAME = const(255)  # raw LoRa's largest payload; the same bound on every link
 MAX_READINGS = const(255)
-_MAX_U32 = const(0xFFFFFFFF)
+MAX_U32 = const(0xFFFFFFFF)
 _I32_MIN = -(1 << 31)
 _I32_MAX = (1 << 31) - 1
-_RICE_ESCAPE = const(12)  # a Rice quotient this large is sent as an Exp-Golomb escape
+RICE_ESCAPE = const(12)  # a Rice quotient this large is sent as an Exp-Golomb escape
 _MAX_K = const(15)  # Rice parameter fits 4 bits
-_MAX_UE_ZEROS = const(34)  # an Exp-Golomb code longer than this is malformed
+MAX_UE_ZEROS = const(34)  # an Exp-Golomb code longer than this is malformed
 # Sampling intervals (s) common enough to get a 3-bit code (SPEC.md "Timing").
 _INTERVALS = (10, 30, 60, 120, 300, 600, 900, 3600)
 
@@ -159,11 +159,11 @@ class _BitWriter:
 
     def rice(self, value, k):
         q = value >> k
-        if q < _RICE_ESCAPE:
+        if q < RICE_ESCAPE:
             self.bits((1 << (q + 1)) - 2, q + 1)  # q ones then a zero
             self.bits(value, k)
         else:
-            self.bits((1 << _RICE_ESCAPE) - 1, _RICE_ESCAPE)
+            self.bits((1 << RICE_ESCAPE) - 1, RICE_ESCAPE)
             self.ue(value)
 
     def flush(self):
@@ -220,13 +220,13 @@ def _get_varint(buf, pos, end, what):
         shift += 7
         if shift > 28:
             raise FrameError("structure", "%s is longer than 5 bytes" % what)
-    if value > _MAX_U32:
+    if value > MAX_U32:
         raise FrameError("structure", "%s exceeds 32 bits" % what)
     return value, pos
 
 
 def _check_u32(value, what):
-    if not isinstance(value, int) or value < 0 or value > _MAX_U32:
+    if not isinstance(value, int) or value < 0 or value > MAX_U32:
         raise ValueError("%s must be an integer 0..4294967295, got %r" % (what, value))
 
 
@@ -263,15 +263,13 @@ def _best_rice_k(values):
         total = 0
         for z in values:
             q = z >> k
-            if q < _RICE_ESCAPE:
+            if q < RICE_ESCAPE:
                 total += q + 1 + k
             else:
-                total += _RICE_ESCAPE + 2 * _bit_length(z + 1) - 1
-        if best_bits < 0 or total < best_bits:
+                total += RICE_ESCAPE + 2 * _bit_length(z + 1) - 1
+        if best_bits < 0 or total < best_bits:  # ties keep the smaller k (SPEC.md)
             best_k = k
             best_bits = total
-        elif total > best_bits:
-            break  # cost is convex in k for these codes: past the minimum
     return best_k
 
 
@@ -345,8 +343,8 @@ def _encode_times(w, ages, n):
     for g in gaps:
         counts[g] = counts.get(g, 0) + 1
     interval = gaps[0]
-    for g in counts:
-        if counts[g] > counts[interval]:
+    for g in counts:  # the commonest gap; of equally common ones the smallest (SPEC.md)
+        if counts[g] > counts[interval] or (counts[g] == counts[interval] and g < interval):
             interval = g
     if interval in _INTERVALS:
         w.bits(0b1000 | _INTERVALS.index(interval), 4)
@@ -440,7 +438,7 @@ def decode_ack(buf, signer):
         span, pos = _get_varint(buf, pos, end, "acked span")
         first = nxt + gap
         last = first + span
-        if last > _MAX_U32:
+        if last > MAX_U32:
             raise FrameError("structure", "acked seq exceeds 32 bits")
         acked.append((first, last))
         nxt = last + 1
@@ -461,8 +459,8 @@ def encode_status(signer, node_id, seq, fields):
         v = fields[fid]
         if not isinstance(v, int) or v < _I32_MIN or v > _I32_MAX:
             raise ValueError("status field %d: %r is not a 32-bit signed integer" % (fid, v))
-        if pos + 11 + TAG_LEN > MAX_FRAME:
-            raise FrameError("too_long", "frame would exceed %d bytes" % MAX_FRAME)
-        pos = _put_varint(buf, pos, fid)
+        pos = _put_varint(buf, pos, fid)  # buf has room for one more field past MAX_FRAME
         pos = _put_varint(buf, pos, _zigzag(v))
+        if pos + TAG_LEN > MAX_FRAME:
+            raise FrameError("too_long", "frame would exceed %d bytes" % MAX_FRAME)
     return _finish(signer, buf, pos)

@@ -10,11 +10,11 @@ from protocols.frame import (
     _I32_MAX,
     _I32_MIN,
     _INTERVALS,
-    _MAX_U32,
-    _MAX_UE_ZEROS,
-    _RICE_ESCAPE,
     BME280_CHANNELS,
     MAX_READINGS,
+    MAX_U32,
+    MAX_UE_ZEROS,
+    RICE_ESCAPE,
     TYPE_ACK,
     TYPE_DATA,
     TYPE_STATUS,
@@ -62,18 +62,18 @@ class _BitReader:
 
     def ue(self, k=0):
         zeros = self.left - _bit_length(self.v)
-        if zeros > _MAX_UE_ZEROS:
+        if zeros > MAX_UE_ZEROS:
             raise FrameError("structure", "Exp-Golomb code longer than 34 bits")
         m = self.bits(2 * zeros + 1)  # the zeros, then m's zeros + 1 significant bits
         return ((m - 1) << k) | self.bits(k)
 
     def rice(self, k):
         left = self.left
-        window = _RICE_ESCAPE + 1 if left > _RICE_ESCAPE else left
+        window = RICE_ESCAPE + 1 if left > RICE_ESCAPE else left
         head = self.v >> (left - window)  # the next bits, to count leading ones
         q = window - _bit_length(head ^ ((1 << window) - 1))
-        if q >= _RICE_ESCAPE:
-            self.bits(_RICE_ESCAPE)
+        if q >= RICE_ESCAPE:
+            self.bits(RICE_ESCAPE)
             return self.ue()
         # q ones, a zero and k remainder bits in one read
         return (q << k) | (self.bits(q + 1 + k) & ((1 << k) - 1))
@@ -109,8 +109,13 @@ def decode_data(buf, signer):
         if nch > 32:
             raise FrameError("structure", "channel count %d exceeds 32" % nch)
         channels = tuple(r.ue() for _ in range(nch))
+        for ch in channels:
+            if ch > MAX_U32:
+                raise FrameError("structure", "channel id exceeds 32 bits")
     if r.bits(1):
         newest = r.ue()
+        if newest > MAX_U32:
+            raise FrameError("structure", "reading age exceeds 32 bits")
         ages = _decode_times(r, n, newest) if n > 1 else [newest]
     else:
         if n != 1:
@@ -156,7 +161,7 @@ def _decode_times(r, n, newest):
         if gap < 0:
             raise FrameError("structure", "negative gap between readings")
         age += gap
-        if age > _MAX_U32:
+        if age > MAX_U32:
             raise FrameError("structure", "reading age exceeds 32 bits")
         ages[i] = age
     return ages
