@@ -64,8 +64,8 @@ class _BitReader:
         zeros = self.left - _bit_length(self.v)
         if zeros > MAX_UE_ZEROS:
             raise FrameError("structure", "Exp-Golomb code longer than 34 bits")
-        m = self.bits(2 * zeros + 1)  # the zeros, then m's zeros + 1 significant bits
-        return ((m - 1) << k) | self.bits(k)
+        # zeros, then m in zeros + 1 bits, then k low bits: value = ((m - 1) << k) | low
+        return self.bits(2 * zeros + 1 + k) - (1 << k)
 
     def rice(self, k):
         left = self.left
@@ -129,17 +129,65 @@ def decode_data(buf, signer):
         if n > 1:
             k = r.bits(4)
             g = r.ue() + 1
-            for _ in range(n - 1):
-                value += g * _unzigzag(r.rice(k))
-                column.append(value)
+            _rice_deltas(r, k, g, value, n - 1, column)
+            value = column[-1]
         for v in column:
             if v < _I32_MIN or v > _I32_MAX:
                 raise FrameError("structure", "value of channel %d overflows 32 bits" % ch)
         columns.append(column)
     if not r.padding_ok():
         raise FrameError("structure", "unexpected bytes after the readings")
-    readings = [tuple(col[i] for col in columns) for i in range(n)]
+    readings = list(zip(*columns))  # noqa: B905 - MicroPython's zip has no strict
     return DataFrame(node_id, seq, channels, readings, ages)
+
+
+def _rice_deltas(r, k, g, value, count, column):
+    """Append count values, each the previous plus g * a Rice(k)-coded zigzag delta.
+
+    The hot loop of decoding: BitReader.rice() inlined over local variables (CPython spends
+    most of a 10-reading frame here)."""
+    v = r.v
+    left = r.left
+    kmask = (1 << k) - 1
+    for _ in range(count):
+        window = RICE_ESCAPE + 1 if left > RICE_ESCAPE else left
+        head = (v >> (left - window)) & ((1 << window) - 1)
+        q = window - _bit_length(head ^ ((1 << window) - 1))  # leading one bits
+        if q >= RICE_ESCAPE:
+            r.v, r.left = v & ((1 << left) - 1), left
+            z = r.rice(k)
+            v, left = r.v, r.left
+        else:
+            left -= q + 1 + k
+            if left < 0:
+                raise FrameError("truncated", "frame ends inside its readings")
+            z = (q << k) | ((v >> left) & kmask)
+        value += g * ((z >> 1) if not (z & 1) else -((z + 1) >> 1))
+        column.append(value)
+    r.v = v & ((1 << left) - 1)
+    r.left = left
+
+
+def _gap_corrections(r, count, interval):
+    """count gaps, each interval + an ue(0)-coded zigzag correction (BitReader.ue inlined)."""
+    v = r.v
+    left = r.left
+    gaps = []
+    for _ in range(count):
+        window = MAX_UE_ZEROS + 1 if left > MAX_UE_ZEROS else left
+        head = (v >> (left - window)) & ((1 << window) - 1)
+        zeros = window - _bit_length(head)
+        if zeros > MAX_UE_ZEROS:
+            raise FrameError("structure", "Exp-Golomb code longer than 34 bits")
+        nbits = 2 * zeros + 1
+        left -= nbits
+        if left < 0:
+            raise FrameError("truncated", "frame ends inside its readings")
+        z = ((v >> left) & ((1 << nbits) - 1)) - 1
+        gaps.append(interval + ((z >> 1) if not (z & 1) else -((z + 1) >> 1)))
+    r.v = v & ((1 << left) - 1)
+    r.left = left
+    return gaps
 
 
 def _decode_times(r, n, newest):
@@ -147,10 +195,8 @@ def _decode_times(r, n, newest):
         interval = _INTERVALS[r.bits(3)]
     else:
         interval = r.ue(5)
-    gaps = []
     if r.bits(1):
-        for _ in range(n - 1):
-            gaps.append(interval + _unzigzag(r.ue()))
+        gaps = _gap_corrections(r, n - 1, interval)
     else:
         gaps = [interval] * (n - 1)
     ages = [0] * n
