@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(BIN)/citynode demo
 
 test: $(STAMP)
+	bash tools/system-deps.sh
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,6 +1,15 @@
-# `citynode receive`: frames from UDP, verified, stored durably, then acknowledged.
+# `citynode receive`: frames from UDP and MQTT sources, verified, stored durably, then
+# acknowledged; remote sinks (webhook, MQTT, InfluxDB over HTTP) fed from an on-disk spool.
+#
+# Threads: one per source (receiver.UdpSource, mqtt.MqttSource) feeding one Intake; the main
+# thread runs receiver.serve() (verify, one durable write per batch, acks); one forwarder per
+# remote sink (forward.Forwarder). Status: counters logged every 60 s and on SIGUSR1, and a JSON
+# status file (--status-file) rewritten every few seconds, read back by `citynode receive
+# --status`.
 
+import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -9,31 +18,111 @@ import time
 
 from host_tools.commands import CliError
 from host_tools.keys import load_keys
-from host_tools.receiver import Receiver, Verifier, serve_udp
-from host_tools.sinks import JsonlSink, SqliteSink, TeeSink
+from host_tools.receiver import Intake, Receiver, UdpSource, Verifier, counters_line, serve
+from host_tools.sinks import (
+    InfluxFileSink,
+    InfluxHttpSink,
+    JsonlSink,
+    SinkError,
+    SqliteSink,
+    TeeSink,
+    WebhookSink,
+)
 
-HELP = "receive frames over UDP, store, ack"
+HELP = "receive frames, verify, store durably, acknowledge"
 DEFAULT_DB = "citynode.db"
 DEFAULT_UDP = "0.0.0.0:1700"
+DEFAULT_SPOOL = "citynode-spool.db"
 REPORT_EVERY_S = 60.0
+STATUS_EVERY_S = 5.0
+STOP_WAIT_S = 15.0  # how long shutdown waits for a forwarder inside a delivery
 
 log = logging.getLogger("citynode")
 
 
 def add_arguments(p):
-    p.add_argument("--keys", required=True, metavar="FILE", help="JSON key file")
-    p.add_argument(
+    p.add_argument("--keys", metavar="FILE", help="JSON key file (required to receive)")
+    src = p.add_argument_group("sources (several at once; default --udp %s)" % DEFAULT_UDP)
+    src.add_argument(
         "--udp",
-        default=DEFAULT_UDP,
+        action="append",
         metavar="HOST:PORT",
-        help="address to listen on (default %s; port 0 picks a free one)" % DEFAULT_UDP,
+        help="UDP address to listen on; repeatable (port 0 picks a free one)",
     )
-    p.add_argument(
-        "--db",
+    src.add_argument(
+        "--mqtt-in",
+        action="append",
+        metavar="URL",
+        help="MQTT topic carrying raw frames from gateways, mqtt://HOST[:PORT]/TOPIC "
+        "(wildcards allowed); acks go to <topic>/ack; repeatable",
+    )
+    out = p.add_argument_group("sinks (default: --db %s when no other sink is given)" % DEFAULT_DB)
+    out.add_argument("--db", metavar="PATH", help="SQLite file, table readings")
+    out.add_argument("--jsonl", metavar="-|FILE", help="append JSON lines here")
+    out.add_argument(
+        "--influx",
+        metavar="FILE|URL",
+        help="InfluxDB line protocol: appended to FILE, or POSTed to an http(s) write URL "
+        "such as http://HOST:8086/api/v2/write?org=O&bucket=B (token from $INFLUX_TOKEN)",
+    )
+    out.add_argument(
+        "--webhook", action="append", metavar="URL", help="POST JSON readings here; repeatable"
+    )
+    out.add_argument(
+        "--mqtt-out",
+        metavar="URL",
+        help="publish readings to mqtt://HOST[:PORT][/PREFIX] as PREFIX/<node>/<quantity> "
+        "(PREFIX default citynode)",
+    )
+    out.add_argument(
+        "--ha-discovery",
+        nargs="?",
+        const="homeassistant",
+        metavar="PREFIX",
+        help="with --mqtt-out: publish Home Assistant discovery configs (prefix default "
+        "homeassistant)",
+    )
+    out.add_argument(
+        "--spool",
         metavar="PATH",
-        help="SQLite file (default %s unless --jsonl is given)" % DEFAULT_DB,
+        help="on-disk spool for the remote sinks (default %s)" % DEFAULT_SPOOL,
     )
-    p.add_argument("--jsonl", metavar="-|FILE", help="also (or only) append JSON lines here")
+    out.add_argument(
+        "--spool-max-mb",
+        type=float,
+        metavar="MB",
+        help="size limit of the spool; when reached frames are not acked (nodes keep them)",
+    )
+    out.add_argument(
+        "--sink-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a remote sink may take to confirm a delivery (default 10)",
+    )
+    out.add_argument(
+        "--retry-max",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="longest pause between delivery attempts to a remote sink that is down (default "
+        "60; the pauses double from 0.5 s, with jitter)",
+    )
+    st = p.add_argument_group("status")
+    st.add_argument(
+        "--status-file",
+        metavar="PATH",
+        help="rewrite this JSON status file every %d s (and on SIGUSR1)" % STATUS_EVERY_S,
+    )
+    st.add_argument(
+        "--status",
+        action="store_true",
+        help="print the status file of a running receiver (--status-file) and exit: "
+        "0 if it is fresh, 1 if stale",
+    )
+
+
+# --- set-up -----------------------------------------------------------------------------
 
 
 def _parse_host_port(text):
@@ -60,10 +149,34 @@ def _bind_udp(text):
     return sock
 
 
-def _open_sinks(args):
-    sinks = []
+def _remote_sinks(args):
+    """The remote sinks asked for (not yet connected: that is the forwarders' job)."""
+    from host_tools.mqtt import MqttSink
+
+    timeout = args.sink_timeout
+    if timeout <= 0:
+        raise CliError("--sink-timeout must be positive, got %g" % timeout)
+    sinks = [WebhookSink(url, timeout) for url in args.webhook or []]
+    if args.influx and args.influx.startswith(("http://", "https://")):
+        sinks.append(InfluxHttpSink(args.influx, timeout, token=os.environ.get("INFLUX_TOKEN")))
+    if args.mqtt_out:
+        sinks.append(MqttSink(args.mqtt_out, ha_prefix=args.ha_discovery, timeout=timeout))
+    elif args.ha_discovery:
+        raise CliError("--ha-discovery needs --mqtt-out")
+    names = [s.name for s in sinks]
+    for name in names:
+        if names.count(name) > 1:
+            raise CliError("%s is given twice" % name)
+    return sinks
+
+
+def _local_sinks(args, spool):
+    """The sinks written before the ack, spool first (the likeliest to be full: if it fails,
+    nothing of the batch is written anywhere)."""
+    sinks = [spool] if spool is not None else []
+    remote = args.webhook or args.mqtt_out or (args.influx or "").startswith("http")
     try:
-        if args.db or not args.jsonl:
+        if args.db or not (args.jsonl or args.influx or remote):
             sinks.append(SqliteSink(args.db or DEFAULT_DB))
         if args.jsonl == "-":
             sinks.append(JsonlSink(sys.stdout))
@@ -73,41 +186,202 @@ def _open_sinks(args):
             except OSError as e:
                 raise CliError("--jsonl %s: %s" % (args.jsonl, e.strerror or e)) from None
             sinks.append(JsonlSink(stream))
+        if args.influx and not args.influx.startswith(("http://", "https://")):
+            sinks.append(InfluxFileSink(args.influx))
     except BaseException:
-        for sink in sinks:
+        for sink in sinks[1 if spool is not None else 0 :]:
             sink.close()
         raise
     return sinks[0] if len(sinks) == 1 else TeeSink(sinks)
 
 
+def _sources(args):
+    from host_tools.mqtt import MqttSource
+
+    sources = []
+    try:
+        udp = args.udp or ([] if args.mqtt_in else [DEFAULT_UDP])
+        for text in udp:
+            sources.append(UdpSource(_bind_udp(text)))
+        for url in args.mqtt_in or []:
+            sources.append(MqttSource(url))
+    except BaseException:
+        for source in sources:
+            source.stop()
+        raise
+    return sources
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+class Status:
+    """Collects every counter of the running receiver; logs them, writes the status file."""
+
+    def __init__(self, receiver, sources, spool, forwarders, path, nodes):
+        self.receiver = receiver
+        self.sources = sources
+        self.spool = spool
+        self.forwarders = forwarders
+        self.path = path
+        self.nodes = nodes
+        self.started = time.time()
+        self.write_errors = 0
+
+    def counters(self):
+        """Every counter summed by name. dict() copies each Counter in one step (C code, under
+        the GIL), so a source thread adding a key meanwhile cannot break the iteration."""
+        total = dict(self.receiver.counters)
+        parts = [s.counters for s in self.sources]
+        if self.spool is not None:
+            parts.append(self.spool.counters)
+        for part in parts:
+            for k, v in dict(part).items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def log_lines(self):
+        log.info("counters: %s", counters_line(self.counters()))
+        for f in self.forwarders:
+            s = f.status()
+            log.info(
+                "sink %s: state=%s backlog=%s %s%s",
+                f.name,
+                s["state"],
+                "?" if s["backlog"] is None else s["backlog"],
+                counters_line(s["counters"]),
+                " last_error=%s" % s["last_error"] if s["last_error"] else "",
+            )
+
+    def snapshot(self):
+        now = time.time()
+        return {
+            "time": now,
+            "pid": os.getpid(),
+            "uptime_s": round(now - self.started, 1),
+            "status_every_s": STATUS_EVERY_S,
+            "nodes": self.nodes,
+            "sources": [s.name for s in self.sources],
+            "counters": self.counters(),
+            "sinks": {f.name: f.status() for f in self.forwarders},
+        }
+
+    def write_file(self):
+        if not self.path:
+            return
+        tmp = "%s.tmp%d" % (self.path, os.getpid())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.snapshot(), f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            self.write_errors += 1
+            if self.write_errors == 1 or self.write_errors % 100 == 0:
+                log.warning("cannot write status file %s: %s", self.path, e.strerror or e)
+
+
+def show_status(path):
+    """`citynode receive --status`: print the status file; 0 if fresh, 1 if stale."""
+    if not path:
+        raise CliError("--status needs --status-file PATH (the running receiver's)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise CliError(
+            "status file %s: %s (is a receiver running with --status-file %s?)"
+            % (path, e.strerror or e, path)
+        ) from None
+    except ValueError as e:
+        raise CliError("status file %s: not valid JSON: %s" % (path, e)) from None
+    age = time.time() - doc.get("time", 0)
+    print(json.dumps(doc, indent=1, sort_keys=True))
+    if age > 3 * doc.get("status_every_s", STATUS_EVERY_S):
+        print(
+            "citynode: status file %s is %.0f s old: the receiver (pid %s) is not running or stuck"
+            % (path, age, doc.get("pid", "?")),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+# --- run ----------------------------------------------------------------------------------
+
+
 def run(args):
+    if args.status:
+        return show_status(args.status_file)
+    if not args.keys:
+        raise CliError("--keys FILE is required to receive")
     keys = load_keys(args.keys)
     if not keys:
         raise CliError("%s: no nodes, so every frame would be rejected" % args.keys)
+    if args.retry_max <= 0:
+        raise CliError("--retry-max must be positive, got %g" % args.retry_max)
+    if args.spool_max_mb is not None and args.spool_max_mb <= 0:
+        raise CliError("--spool-max-mb must be positive, got %g" % args.spool_max_mb)
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
-    sock = _bind_udp(args.udp)
+    remote = _remote_sinks(args)
+    spool = None
+    if remote:
+        from host_tools.spool import Spool
+
+        max_bytes = int(args.spool_max_mb * 1e6) if args.spool_max_mb else None
+        spool = Spool(args.spool or DEFAULT_SPOOL, max_bytes=max_bytes)
+    elif args.spool or args.spool_max_mb:
+        raise CliError("--spool is for remote sinks (--webhook, --mqtt-out, --influx URL)")
+    sink = sources = None
     try:
-        sink = _open_sinks(args)
+        sink = _local_sinks(args, spool)
+        sources = _sources(args)
     except BaseException:
-        sock.close()
+        if sink is not None:
+            sink.close()
+        elif spool is not None:
+            spool.close()
         raise
+    try:
+        from host_tools.forward import Backoff, Forwarder
+
+        forwarders = [
+            Forwarder(spool, s, backoff=Backoff(min(0.5, args.retry_max), args.retry_max))
+            for s in remote
+        ]
+    except Exception as e:  # registering in the spool failed: a disk problem
+        for source in sources:
+            source.stop()
+        sink.close()
+        raise SinkError("spool %s: %s" % (spool.path, e)) from None
     receiver = Receiver(Verifier(keys), sink)
+    status = Status(receiver, sources, spool, forwarders, args.status_file, len(keys))
+    return _serve(receiver, sources, forwarders, sink, status)
+
+
+def _serve(receiver, sources, forwarders, sink, status):
     stop = threading.Event()
-    report = {"now": False, "next": time.monotonic() + REPORT_EVERY_S}
+    intake = Intake()
+    clock = {"report": False, "log": time.monotonic() + REPORT_EVERY_S, "file": 0.0}
 
     def on_poll():
-        if report["now"] or time.monotonic() >= report["next"]:
-            report["now"] = False
-            report["next"] = time.monotonic() + REPORT_EVERY_S
-            log.info("counters: %s", receiver.counters_line())
+        now = time.monotonic()
+        if clock["report"] or now >= clock["log"]:
+            clock["report"] = False
+            clock["log"] = now + REPORT_EVERY_S
+            status.log_lines()
+            clock["file"] = 0.0
+        if now >= clock["file"]:
+            clock["file"] = now + STATUS_EVERY_S
+            status.write_file()
 
     def on_stop(signum, _frame):
         stop.set()
 
     def on_usr1(signum, _frame):
-        report["now"] = True  # logged from the loop, not from inside the signal handler
+        clock["report"] = True  # logged from the loop, not from inside the signal handler
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -119,13 +393,31 @@ def run(args):
             if signum is not None:
                 previous[signum] = signal.signal(signum, handler)
     try:
-        host, port = sock.getsockname()[:2]
-        log.info("listening on udp %s:%d for %d node(s); Ctrl-C to stop", host, port, len(keys))
-        serve_udp(sock, receiver, stop, on_poll=on_poll)
+        for f in forwarders:
+            f.start()
+            log.info("forwarding to %s from the spool", f.name)
+        for source in sources:
+            source.start(intake)
+            log.info("listening on %s for %d node(s); Ctrl-C to stop", source.name, status.nodes)
+        serve(intake, receiver, stop, poll_s=0.5, on_poll=on_poll)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        sock.close()
+        for source in sources:
+            source.stop()
+        for f in forwarders:
+            if not f.stop(STOP_WAIT_S):
+                log.warning("%s: still delivering after %.0f s; left running", f.name, STOP_WAIT_S)
+        status.write_file()
+        for f in forwarders:
+            backlog = f.status()["backlog"]
+            if backlog:
+                log.info(
+                    "%s: %d readings stay in the spool, delivered on the next start",
+                    f.name,
+                    backlog,
+                )
+            f.sink.close()
         sink.close()
-    print("citynode: final counters: %s" % receiver.counters_line(), file=sys.stderr)
+    print("citynode: final counters: %s" % counters_line(status.counters()), file=sys.stderr)
     return 0

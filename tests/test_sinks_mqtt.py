@@ -1,0 +1,370 @@
+# Tests for host_tools/mqtt.py against a real broker: Debian's mosquitto, started here on a free
+# port of 127.0.0.1 (tools/system-deps.sh installs it; without it these tests skip, except in CI
+# as root, where they must run). The sink (readings, Home Assistant discovery, broker stopped and
+# restarted) and the source (frames in from a gateway's topic, acks back).
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import paho.mqtt.client as paho
+import pytest
+
+from host_tools.forward import Backoff, Forwarder
+from host_tools.mqtt import MqttSink, MqttSource, MqttUrl, ha_discovery
+from host_tools.receiver import Intake, Receiver, Verifier, serve
+from host_tools.sinks import DeliveryError, SinkError, reading_id, reading_json
+from host_tools.spool import Spool
+from protocols import frame
+
+KEY7 = bytes(range(16))
+ROWS = [
+    (17, 1_700_000_000.25, "temperature_c", 21.5),
+    (17, 1_700_000_000.25, "humidity_pct", 45.0),
+    (17, 1_700_000_000.25, "pressure_hpa", 1013.25),
+    (17, 1_700_000_000.25, "channel_99", 7.0),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mosquitto_path():
+    path = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+    )
+    if path is None:
+        reason = "mosquitto not installed (tools/system-deps.sh installs it when run as root)"
+        if os.environ.get("CI") and os.geteuid() == 0:
+            pytest.fail(reason + ": in CI as root it must be there")
+        pytest.skip(reason)
+    return path
+
+
+class Mosquitto:
+    """A real mosquitto on 127.0.0.1:port with persistence in a temp dir, so a graceful stop
+    (SIGTERM) keeps the subscribers' sessions and their queued messages across a restart."""
+
+    def __init__(self, tmp_path, port=None):
+        self.binary = mosquitto_path()
+        self.port = port or free_port()
+        self.dir = tmp_path / ("mosquitto-%d" % self.port)
+        self.dir.mkdir(exist_ok=True)
+        self.conf = self.dir / "mosquitto.conf"
+        lines = [
+            "listener %d 127.0.0.1" % self.port,
+            "allow_anonymous true",
+            "persistence true",
+            "persistence_location %s/" % self.dir,
+            "log_dest file %s/mosquitto.log" % self.dir,
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else it drops to user mosquitto, who cannot write here
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc = None
+
+    @property
+    def url(self):
+        return "mqtt://127.0.0.1:%d" % self.port
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        "mosquitto exited %d: %s" % (self.proc.returncode, self.proc.stderr.read())
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise AssertionError("mosquitto did not listen on %d" % self.port) from None
+                time.sleep(0.05)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+
+class Subscriber:
+    """A persistent-session subscriber (QoS 1) that records every message it gets."""
+
+    def __init__(self, broker, topics, client_id="citynode-test-sub"):
+        self.messages = []
+        self.connected = threading.Event()
+        self._lock = threading.Lock()
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
+        )
+        client.reconnect_delay_set(0.1, 0.5)
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            client.subscribe([(t, 1) for t in topics])
+            self.connected.set()
+
+        def on_disconnect(client, userdata, flags, reason_code, properties):
+            self.connected.clear()
+
+        def on_message(client, userdata, message):
+            with self._lock:
+                self.messages.append((message.topic, bytes(message.payload), message.retain))
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_message = on_message
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        self.client = client
+        assert self.connected.wait(10)
+        time.sleep(0.2)  # the SUBACK
+
+    def snapshot(self):
+        with self._lock:
+            return list(self.messages)
+
+    def readings(self, prefix="citynode/"):
+        return [json.loads(p) for t, p, _ in self.snapshot() if t.startswith(prefix)]
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_until(predicate, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Mosquitto(tmp_path).start()
+    yield b
+    b.stop()
+
+
+# --- URLs and discovery payloads (no broker needed) ---------------------------------------
+
+
+def test_mqtt_urls():
+    u = MqttUrl("mqtt://user:p%40ss@broker.example:1884/citynode/up/#", "--mqtt-in")
+    assert (u.host, u.port, u.tls, u.username, u.password, u.topic) == (
+        "broker.example",
+        1884,
+        False,
+        "user",
+        "p@ss",
+        "citynode/up/#",
+    )
+    assert MqttUrl("mqtts://b", "--mqtt-out").port == 8883
+    for text, message in [
+        ("http://b/x", "--mqtt-out: expected mqtt://HOST[:PORT][/TOPIC], got 'http://b/x'"),
+        ("mqtt:///x", "--mqtt-out: no broker host in 'mqtt:///x'"),
+        ("mqtt://b:xx", "--mqtt-out: bad port in 'mqtt://b:xx'"),
+    ]:
+        with pytest.raises(SinkError) as info:
+            MqttUrl(text, "--mqtt-out")
+        assert str(info.value) == message
+    with pytest.raises(SinkError, match="no topic"):
+        MqttSource("mqtt://b")
+    with pytest.raises(SinkError, match="must be a plain topic"):
+        MqttSink("mqtt://b/citynode/#")
+
+
+def test_ha_discovery_config():
+    topic, config = ha_discovery(17, "temperature_c")
+    assert topic == "homeassistant/sensor/citynode_17_temperature_c/config"
+    assert config["unique_id"] == "citynode_17_temperature_c"
+    assert config["state_topic"] == "citynode/17/temperature_c"
+    assert config["device_class"] == "temperature"
+    assert config["unit_of_measurement"] == "°C"
+    assert config["value_template"] == "{{ value_json.value }}"
+    assert config["device"]["identifiers"] == ["citynode_17"]
+    assert ha_discovery(3, "pressure_hpa")[1]["device_class"] == "atmospheric_pressure"
+    assert ha_discovery(3, "humidity_pct")[1]["unit_of_measurement"] == "%"
+    _, raw = ha_discovery(3, "channel_99", prefix="city", ha_prefix="ha")
+    assert "device_class" not in raw and "unit_of_measurement" not in raw
+    assert raw["state_topic"] == "city/3/channel_99"
+
+
+# --- the sink against mosquitto ------------------------------------------------------------
+
+
+def test_sink_publishes_readings_and_discovery(broker):
+    sub = Subscriber(broker, ["citynode/#", "homeassistant/#"])
+    sink = MqttSink(broker.url, ha_prefix="homeassistant", timeout=5)
+    try:
+        sink.deliver(ROWS)
+        sink.deliver(ROWS[:1])  # announced once per connection
+        wait_until(lambda: len(sub.snapshot()) == 9, what="9 messages")
+    finally:
+        sink.close()
+        sub.close()
+    messages = sub.snapshot()
+    readings = [(t, json.loads(p), r) for t, p, r in messages if t.startswith("citynode/")]
+    assert [(t, p) for t, p, _ in readings] == [
+        ("citynode/17/%s" % row[2], reading_json(row)) for row in ROWS + ROWS[:1]
+    ]
+    configs = {t: json.loads(p) for t, p, _ in messages if t.startswith("homeassistant/")}
+    assert set(configs) == {"homeassistant/sensor/citynode_17_%s/config" % row[2] for row in ROWS}
+    for topic, config in configs.items():
+        node, quantity = 17, topic.split("/")[2][len("citynode_17_") :]
+        assert config == ha_discovery(node, quantity)[1]
+    # discovery configs are retained (Home Assistant finds them after its restart), readings not
+    late = Subscriber(broker, ["citynode/#", "homeassistant/#"], client_id="late")
+    try:
+        time.sleep(0.3)
+        retained = late.snapshot()
+    finally:
+        late.close()
+    assert {t for t, _, r in retained if r} == set(configs)
+    assert not [t for t, _, _ in retained if t.startswith("citynode/")]
+
+
+def test_sink_prefix_from_url(broker):
+    sub = Subscriber(broker, ["koper/#"])
+    sink = MqttSink(broker.url + "/koper/air", timeout=5)
+    try:
+        sink.deliver(ROWS[:1])
+        wait_until(lambda: sub.snapshot(), what="a message")
+    finally:
+        sink.close()
+        sub.close()
+    assert sub.snapshot()[0][0] == "koper/air/17/temperature_c"
+    assert sink.name == "mqtt 127.0.0.1:%d/koper/air" % broker.port
+
+
+def test_sink_broker_down_is_connect_error():
+    port = free_port()
+    sink = MqttSink("mqtt://127.0.0.1:%d" % port, timeout=2)
+    with pytest.raises(DeliveryError) as info:
+        sink.deliver(ROWS)
+    assert info.value.reason == "connect"
+    assert str(info.value) == "mqtt 127.0.0.1:%d: connection refused" % port
+
+
+def test_sink_broker_killed_mid_batch_fails_then_recovers(broker):
+    sink = MqttSink(broker.url, timeout=3)
+    sink.deliver(ROWS)
+    broker.stop(signal.SIGKILL)
+    rows = [(5, float(i), "temperature_c", 1.0) for i in range(500)]
+    with pytest.raises(DeliveryError) as info:
+        sink.deliver(rows)
+    assert info.value.reason in ("connect", "connection", "timeout")
+    broker.start()
+    sink.deliver(rows)
+    sink.close()
+
+
+def test_sink_broker_that_hangs_times_out_and_nothing_counts_as_delivered(broker):
+    """A frozen broker (SIGSTOP) takes the TCP bytes but sends no PUBACK: deliver() must fail
+    by its timeout rather than take the readings for delivered."""
+    sink = MqttSink(broker.url, timeout=1)
+    sink.deliver(ROWS)  # connected
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DeliveryError) as info:
+            sink.deliver(ROWS)
+        assert 0.9 < time.monotonic() - t0 < 5
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+    assert info.value.reason == "timeout"
+    assert str(info.value) == (
+        "mqtt 127.0.0.1:%d: 4 of 4 messages not acknowledged within 1.0 s" % broker.port
+    )
+    sink.deliver(ROWS)  # a fresh connection once it is back
+    sink.close()
+
+
+def test_forwarder_through_a_broker_restart_delivers_every_reading(broker, tmp_path):
+    sub = Subscriber(broker, ["citynode/#"])
+    spool = Spool(tmp_path / "spool.db")
+    sink = MqttSink(broker.url, timeout=2)
+    f = Forwarder(spool, sink, batch=100, backoff=Backoff(base=0.05, cap=0.5), poll_s=0.05)
+    f.start()
+    expected = set()
+
+    def spool_some(n, t0):
+        rows = [(9, t0 + i, "temperature_c", float(i)) for i in range(n)]
+        spool.write(rows)
+        expected.update(reading_id(*r[:3]) for r in rows)
+
+    def got():
+        return {r["id"] for r in sub.readings()}
+
+    try:
+        spool_some(300, 0)
+        wait_until(lambda: got() == expected, what="first readings")
+        broker.stop()  # graceful: the subscriber's session and queue are kept on disk
+        spool_some(300, 1000)
+        wait_until(lambda: f.counters["failed_connect"] + f.counters["failed_connection"] >= 1)
+        assert spool.backlog(sink.name) > 0
+        broker.start()
+        wait_until(lambda: got() == expected, timeout=30, what="every reading after restart")
+    finally:
+        assert f.stop(5)
+        sink.close()
+        sub.close()
+        spool.close()
+    assert got() == expected
+
+
+# --- the source ---------------------------------------------------------------------------
+
+
+def test_source_frames_in_acks_out(broker, tmp_path):
+    from host_tools.sinks import SqliteSink
+
+    sink = SqliteSink(tmp_path / "r.db")
+    receiver = Receiver(Verifier({7: KEY7}), sink)
+    source = MqttSource(broker.url + "/gw/#")  # "#" also matches the acks
+    intake = Intake()
+    stop = threading.Event()
+    loop = threading.Thread(target=serve, args=(intake, receiver, stop, 0.05), daemon=True)
+    loop.start()
+    source.start(intake)
+    gateway = Subscriber(broker, ["gw/#"], client_id="gateway-1")
+    try:
+        assert source.connected.wait(10)
+        time.sleep(0.2)
+        signer = frame.Signer(KEY7)
+        good = frame.encode_data(signer, 7, 11, (1, 2, 3), [(2150, 4500, 101325)], [0])
+        gateway.client.publish("gw/a/up", good, qos=1)
+        gateway.client.publish("gw/b/up", good, qos=1)  # heard by two gateways
+        gateway.client.publish("gw/a/up", b"\x11junk", qos=1)
+        wait_until(lambda: receiver.counters["rejected_duplicate"] == 1, what="duplicate")
+        wait_until(lambda: sum(1 for t, _, _ in gateway.snapshot() if t.endswith("/ack")) == 1)
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        loop.join(5)
+        source.stop()
+        gateway.close()
+        sink.close()
+    acks = [(t, p) for t, p, _ in gateway.snapshot() if t.endswith("/ack")]
+    assert len(acks) == 1
+    assert acks[0][0] in ("gw/a/up/ack", "gw/b/up/ack")
+    assert frame.decode_ack(acks[0][1], frame.Signer(KEY7)).acked == [(11, 11)]
+    assert receiver.counters["frames_accepted"] == 1
+    assert receiver.counters["acks_sent"] == 1
+    assert source.counters["mqtt_messages"] == 3  # its own ack was not taken for a frame
+    assert sum(v for k, v in receiver.counters.items() if k.startswith("rejected_")) == 2

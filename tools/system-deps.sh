@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Debian packages the test suite needs beyond the venv: mosquitto (the real MQTT broker the MQTT
+# sink and `citynode receive` end-to-end tests start on a free port). Run by `make test`.
+#
+# Idempotent and quiet: installs only what is missing, with apt-get, and only as root; prints one
+# line saying what it did. Without root or apt-get it installs nothing and exits 0: the tests
+# that need the package then skip and say why. As root, a failed install exits 1.
+set -u
+
+PACKAGES=(mosquitto)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "system-deps: present: ${PACKAGES[*]}"
+    exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "system-deps: missing ${missing[*]}; no apt-get here: install by hand (tests needing it skip)"
+    exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "system-deps: missing ${missing[*]}; not root: 'sudo apt-get install ${missing[*]}'" \
+        "(tests needing it skip)"
+    exit 0
+fi
+
+log=$(mktemp)
+# A package's maintainer scripts must not start a system-wide broker on port 1883: tests start
+# their own. policy-rc.d answering 101 ("action forbidden") is Debian's switch for that.
+policy=/usr/sbin/policy-rc.d
+made_policy=0
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
+fi
+export DEBIAN_FRONTEND=noninteractive
+install() {
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$log" 2>&1
+}
+status=0
+if ! install; then
+    # A fresh machine may have no package lists yet.
+    apt-get update -qq >>"$log" 2>&1 && install || status=1
+fi
+if [ "$made_policy" = 1 ]; then
+    rm -f "$policy"
+fi
+if [ "$status" != 0 ]; then
+    echo "system-deps: apt-get install ${missing[*]} failed:"
+    tail -n 20 "$log"
+    rm -f "$log"
+    exit 1
+fi
+rm -f "$log"
+echo "system-deps: installed ${missing[*]}"
