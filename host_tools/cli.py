@@ -17,6 +17,8 @@ COMMANDS = {
     "demo": ("demo", "simulate a fleet of nodes end to end"),
     "decode": ("decode", "decode hex frames to JSON readings"),
     "receive": ("receive", "receive frames, verify, store durably, acknowledge"),
+    "keys": ("keys", "manage node keys: add, list, rotate, revoke, export"),
+    "monitor": ("monitor", "show a node's serial log: colours, filters, decoded frames"),
 }
 
 

@@ -1,15 +1,34 @@
-# Tests for host_tools/keys.py: the JSON key file (load, atomic save, precise errors) and the
-# single-key file accepted by `citynode decode`.
+# Tests for host_tools/keys.py: the JSON key file (load, atomic save, precise errors), the
+# single-key file accepted by `citynode decode`, and the registry behind `citynode keys`
+# (metadata, revocation, rotation grace period, permissions, backups, locking).
 
 import json
 import os
 import stat
+import threading
+import time
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_tools.keys import KeyFileError, load_keys, load_keys_or_single, save_keys
+from host_tools.keys import (
+    KeyFileError,
+    NodeKeys,
+    Registry,
+    check_private,
+    format_time,
+    key_id,
+    load_accepted_keys,
+    load_keys,
+    load_keys_or_single,
+    load_registry,
+    locked,
+    new_key,
+    parse_time,
+    save_keys,
+    save_registry,
+)
 
 KEY7 = bytes(range(16))
 KEY8 = bytes(range(100, 116))
@@ -43,6 +62,7 @@ def test_save_then_load_is_atomic_and_private(tmp_path):
     assert json.loads(path.read_text())["nodes"]["7"] == {"key": KEY7.hex()}
 
 
+@settings(deadline=None)  # file writes with fsync: slow on a busy disk
 @given(
     st.dictionaries(st.integers(0, 0xFFFFFFFF), st.binary(min_size=16, max_size=16), max_size=20)
 )
@@ -146,3 +166,295 @@ def test_single_key_errors(tmp_path, text, message):
     path = write(tmp_path / "node.key", text)
     with pytest.raises(KeyFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_keys_or_single(path)
+
+
+# --- the registry: metadata, revocation, rotation grace, permissions, backups, locking ------
+
+T0 = 1_750_000_000  # 2025-06-15T15:06:40Z
+HOUR = 3600
+
+
+def registry_doc(**node7):
+    entry = {"key": KEY7.hex()}
+    entry.update(node7)
+    return {"nodes": {"7": entry, "8": {"key": KEY8.hex()}}}
+
+
+def private_file(tmp_path, doc, name="keys.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_times_format_and_parse():
+    assert format_time(T0) == "2025-06-15T15:06:40Z"
+    assert parse_time("2025-06-15T15:06:40Z") == T0
+    for bad in ("2025-06-15 15:06:40", "2025-06-15T15:06:40+02:00", "yesterday", 5, None):
+        with pytest.raises(ValueError, match="expected a time such as"):
+            parse_time(bad)
+
+
+def test_registry_round_trip_keeps_metadata_and_other_fields(tmp_path):
+    path = tmp_path / "keys.json"
+    registry = Registry(
+        {
+            7: NodeKeys(
+                7,
+                KEY7,
+                created=T0,
+                rotated=T0 + HOUR,
+                previous=KEY8,
+                previous_until=T0 + 25 * HOUR,
+                extra={"name": "Koper port", "location": [45.548, 13.730]},
+            ),
+            8: NodeKeys(8, KEY8, created=T0, revoked=T0 + 2 * HOUR),
+            9: NodeKeys(9, bytes(16), revoked=True),
+        },
+        extra={"site": "Koper"},
+    )
+    save_registry(path, registry, now=T0 + 2 * HOUR)
+    doc = json.loads(path.read_text())
+    assert doc["site"] == "Koper"
+    assert doc["nodes"]["7"] == {
+        "key": KEY7.hex(),
+        "created": "2025-06-15T15:06:40Z",
+        "rotated": "2025-06-15T16:06:40Z",
+        "previous": {"key": KEY8.hex(), "until": "2025-06-16T16:06:40Z"},
+        "name": "Koper port",
+        "location": [45.548, 13.730],
+    }
+    assert doc["nodes"]["8"]["revoked"] == "2025-06-15T17:06:40Z"
+    assert doc["nodes"]["9"]["revoked"] is True
+    again = load_registry(path)
+    assert again.nodes == registry.nodes
+    assert again.extra == {"site": "Koper"}
+
+
+def test_load_keys_leaves_revoked_nodes_out(tmp_path):
+    doc = registry_doc(revoked="2025-06-15T15:06:40Z")
+    doc["nodes"]["9"] = {"key": "99" * 16, "revoked": True}
+    doc["nodes"]["10"] = {"key": "aa" * 16, "revoked": False}
+    doc["nodes"]["11"] = {"key": "bb" * 16, "revoked": None}
+    path = private_file(tmp_path, doc)
+    assert load_keys(path) == {8: KEY8, 10: b"\xaa" * 16, 11: b"\xbb" * 16}
+    assert load_keys_or_single(path) == (load_keys(path), None)
+    assert set(load_registry(path).nodes) == {7, 8, 9, 10, 11}
+
+
+def test_accepted_keys_include_the_previous_key_during_its_grace_period(tmp_path):
+    until = format_time(T0 + HOUR)
+    path = private_file(tmp_path, registry_doc(previous={"key": "55" * 16, "until": until}))
+    old = b"\x55" * 16
+    assert load_accepted_keys(path, now=T0) == {7: (KEY7, old), 8: (KEY8,)}
+    assert load_accepted_keys(path, now=T0 + HOUR - 1)[7] == (KEY7, old)
+    assert load_accepted_keys(path, now=T0 + HOUR) == {7: (KEY7,), 8: (KEY8,)}
+    assert load_keys(path) == {7: KEY7, 8: KEY8}  # the current key only
+
+
+def test_a_revoked_node_has_no_accepted_key_even_in_a_grace_period(tmp_path):
+    until = format_time(T0 + HOUR)
+    doc = registry_doc(previous={"key": "55" * 16, "until": until}, revoked=format_time(T0))
+    path = private_file(tmp_path, doc)
+    assert load_accepted_keys(path, now=T0) == {8: (KEY8,)}
+
+
+def test_save_registry_drops_an_expired_previous_key(tmp_path):
+    path = tmp_path / "keys.json"
+    entry = NodeKeys(7, KEY7, previous=KEY8, previous_until=T0 + HOUR)
+    save_registry(path, Registry({7: entry}), now=T0)
+    assert "previous" in json.loads(path.read_text())["nodes"]["7"]
+    save_registry(path, Registry({7: entry}), now=T0 + HOUR)
+    assert "previous" not in json.loads(path.read_text())["nodes"]["7"]
+
+
+@pytest.mark.parametrize(
+    ("node7", "message"),
+    [
+        ({"created": "June"}, 'node 7: "created": expected a time such as'),
+        ({"rotated": 17}, 'node 7: "rotated": expected a time such as'),
+        ({"revoked": "yes"}, 'node 7: "revoked": expected a time such as "2025-08-01T10:00:00Z"'),
+        ({"revoked": 1}, 'node 7: "revoked": expected a time'),
+        ({"previous": KEY8.hex()}, 'node 7: "previous": expected an object with a "key" and'),
+        ({"previous": {"key": KEY8.hex()}}, 'node 7: "previous": expected an object with'),
+        (
+            {"previous": {"key": "00", "until": "2025-06-15T15:06:40Z"}},
+            'node 7: "previous": key must be 32 hex characters (16 bytes), got 2',
+        ),
+        (
+            {"previous": {"key": KEY8.hex(), "until": "soon"}},
+            'node 7: "previous": "until": expected a time',
+        ),
+    ],
+)
+def test_registry_field_errors(tmp_path, node7, message):
+    path = private_file(tmp_path, registry_doc(**node7))
+    for load in (load_keys, load_registry, load_accepted_keys):
+        with pytest.raises(KeyFileError) as info:
+            load(path)
+        assert str(info.value).startswith(str(path) + ": ")
+        assert message in str(info.value)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o602, 0o610])
+def test_private_load_refuses_a_file_others_can_reach(tmp_path, mode):
+    path = private_file(tmp_path, registry_doc())
+    os.chmod(path, mode)
+    for load in (load_registry, lambda p: load_keys(p, private=True)):
+        with pytest.raises(KeyFileError) as info:
+            load(path)
+        message = str(info.value)
+        assert message.startswith("%s: mode %04o gives access to " % (path, mode))
+        assert "Fix: chmod 600 %s" % path in message
+    assert load_keys(path) == {7: KEY7, 8: KEY8}  # the default stays as before: no check
+    os.chmod(path, 0o600)
+    assert set(load_registry(path).nodes) == {7, 8}
+    os.chmod(path, 0o400)  # read-only for the owner is private too
+    assert set(load_registry(path).nodes) == {7, 8}
+
+
+def test_permission_message_names_what_others_can_do(tmp_path):
+    path = private_file(tmp_path, registry_doc())
+    os.chmod(path, 0o646)
+    with pytest.raises(KeyFileError) as info:
+        check_private(path)
+    assert "mode 0646 gives access to group (read) and others (read, write)" in str(info.value)
+
+
+def test_registry_is_never_readable_by_others_even_while_written(tmp_path, monkeypatch):
+    """The temp file is 0600 from its creation (not chmod-ed afterwards), whatever the umask."""
+    modes = []
+    real_fsync = os.fsync
+
+    def spy_fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            modes.append(stat.S_IMODE(st.st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    old_umask = os.umask(0)
+    try:
+        save_registry(tmp_path / "keys.json", Registry({7: NodeKeys(7, KEY7)}))
+        save_registry(tmp_path / "keys.json", Registry({7: NodeKeys(7, KEY8)}))  # + backup
+    finally:
+        os.umask(old_umask)
+    assert modes == [0o600, 0o600, 0o600]
+    for name in ("keys.json", "keys.json.bak"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+
+
+def test_load_keys_then_save_keys_loses_nothing(tmp_path):
+    """What `citynode flash` does (load_keys, add a node, save_keys) keeps the registry's
+    metadata and the revoked nodes that load_keys does not show."""
+    path = tmp_path / "keys.json"
+    registry = Registry(
+        {
+            7: NodeKeys(
+                7, KEY7, created=T0, previous=KEY8, previous_until=int(time.time()) + HOUR
+            ),
+            8: NodeKeys(8, KEY8, created=T0, revoked=T0, extra={"name": "stolen"}),
+            9: NodeKeys(9, bytes(16), created=T0, extra={"name": "harbour"}),
+            10: NodeKeys(10, bytes(range(16, 32))),
+        },
+        extra={"site": "Koper"},
+    )
+    save_registry(path, registry)
+    keys = load_keys(path)
+    assert sorted(keys) == [7, 9, 10]
+    keys[11] = b"\x11" * 16  # a new node
+    keys[9] = b"\x09" * 16  # a new key for node 9
+    del keys[10]  # node 10 removed
+    save_keys(path, keys)
+    again = load_registry(path)
+    assert sorted(again.nodes) == [7, 8, 9, 11]
+    assert again.extra == {"site": "Koper"}
+    assert again.nodes[7] == registry.nodes[7]  # untouched, grace period included
+    assert again.nodes[8] == registry.nodes[8]  # still revoked, still on record
+    assert again.nodes[9] == NodeKeys(9, b"\x09" * 16, created=T0, extra={"name": "harbour"})
+    assert again.nodes[11] == NodeKeys(11, b"\x11" * 16)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_save_registry_keeps_the_previous_version_as_bak(tmp_path):
+    path = tmp_path / "keys.json"
+    save_registry(path, Registry({7: NodeKeys(7, KEY7)}))
+    assert not (tmp_path / "keys.json.bak").exists()
+    first = path.read_bytes()
+    save_registry(path, Registry({7: NodeKeys(7, KEY8)}))
+    assert (tmp_path / "keys.json.bak").read_bytes() == first
+    assert load_keys(path) == {7: KEY8}
+    assert sorted(os.listdir(tmp_path)) == ["keys.json", "keys.json.bak"]
+
+
+def test_save_registry_to_a_missing_directory_says_so(tmp_path):
+    path = tmp_path / "nope" / "keys.json"
+    with pytest.raises(KeyFileError, match="keys.json: cannot write: No such file or directory"):
+        save_registry(path, Registry({7: NodeKeys(7, KEY7)}))
+
+
+def test_load_registry_missing_ok(tmp_path):
+    assert load_registry(tmp_path / "keys.json", missing_ok=True).nodes == {}
+    with pytest.raises(KeyFileError, match="cannot read: No such file"):
+        load_registry(tmp_path / "keys.json")
+
+
+def test_lock_makes_read_modify_write_exclusive(tmp_path):
+    """Eight writers that each add one node under locked(): no update is lost."""
+    path = tmp_path / "keys.json"
+    save_registry(path, Registry())
+    start = threading.Barrier(8)
+
+    def add(node_id):
+        start.wait()
+        with locked(path):
+            registry = load_registry(path)
+            time.sleep(0.01)  # widen the window a lost update would need
+            registry.nodes[node_id] = NodeKeys(node_id, new_key())
+            save_registry(path, registry)
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(load_registry(path).nodes) == list(range(8))
+
+
+def test_new_keys_are_random_and_key_ids_do_not_show_the_key():
+    keys = {new_key() for _ in range(100)}
+    assert len(keys) == 100 and all(len(k) == 16 for k in keys)
+    k = new_key()
+    assert len(key_id(k)) == 8 and key_id(k) not in k.hex()
+
+
+metadata_times = st.one_of(st.none(), st.integers(0, 2**31 - 1))
+
+
+@settings(deadline=None)  # file writes with fsync: slow on a busy disk
+@given(
+    st.dictionaries(
+        st.integers(0, 0xFFFFFFFF),
+        st.tuples(
+            st.binary(min_size=16, max_size=16),
+            metadata_times,
+            metadata_times,
+            st.one_of(st.none(), st.just(True), st.integers(0, 2**31 - 1)),
+            st.one_of(st.none(), st.binary(min_size=16, max_size=16)),
+        ),
+        max_size=10,
+    )
+)
+def test_registry_round_trip_property(tmp_path_factory, nodes):
+    path = tmp_path_factory.mktemp("reg") / "keys.json"
+    registry = Registry()
+    for n, (key, created, rotated, revoked, previous) in nodes.items():
+        until = T0 + HOUR if previous is not None else None
+        registry.nodes[n] = NodeKeys(n, key, created, rotated, revoked, previous, until)
+    save_registry(path, registry, now=T0)
+    loaded = load_registry(path)
+    for entry in registry.nodes.values():
+        if not entry.active:  # a revoked node keeps no previous key
+            entry.previous = entry.previous_until = None
+    assert loaded.nodes == registry.nodes
+    assert load_keys(path) == {n: e.key for n, e in registry.nodes.items() if e.active}
