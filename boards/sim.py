@@ -1,5 +1,7 @@
-# The simulated board: a BME280 register model on a simulated I2C bus, real UDP sockets, and a
-# clock that is either real time or a virtual one stepped by the host's fleet simulator.
+# The simulated board: real UDP sockets, a clock that is either real time or a virtual one
+# stepped by the host's fleet simulator, and an I2C bus with a register-level BME280 on it: in
+# lockstep the bus is bridged byte for byte to the simulator (which holds the chip's registers,
+# so the node's heap carries only what a real board carries), in real time it is local.
 
 import socket
 import time
@@ -9,9 +11,12 @@ try:
 except ImportError:  # pragma: no cover
     import uselect as select
 
-from boards.sim_bme280 import SimBME280, SimI2C
-
 _CONTROL_TIMEOUT_S = 120  # no word from the simulator for this long: it is gone, stop
+_RESET_FILE = "sim_reset_cause"  # what the hardware would latch for machine.reset_cause()
+PWRON_RESET = 1  # machine.reset_cause() values, as on the ESP32 port
+WDT_RESET = 3
+SOFT_RESET = 5
+RESET_EXIT = 3  # process exit status meaning "reset me" to the simulator
 
 
 class SimulationEnded(Exception):
@@ -29,11 +34,9 @@ class Board:
     def __init__(self, raw):
         sim = raw.get("sim") or {}
         self.bme280 = None
-        devices = {}
-        if sim.get("bme280", True):
-            self.bme280 = SimBME280(chip_id=sim.get("chip_id", 0x60))
-            devices[sim.get("bme280_address", self.BME280_ADDRESS)] = self.bme280
-        self._i2c = SimI2C(devices)
+        self._i2c = None
+        self._wdt_ms = 0
+        self._fed_ms = 0
         self._addr_cache = {}
         self._virtual_ms = 0
         self._control = None
@@ -45,8 +48,16 @@ class Board:
             self._control = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self._control.settimeout(_CONTROL_TIMEOUT_S)
             self._ask("H %d" % raw.get("node_id", 0))
+            self._i2c = _BridgedI2C(self)
         else:
             self._t0 = time.ticks_ms()
+            from boards.sim_bme280 import SimBME280, SimI2C
+
+            devices = {}
+            if sim.get("bme280", True):
+                self.bme280 = SimBME280(chip_id=sim.get("chip_id", 0x60))
+                devices[sim.get("bme280_address", self.BME280_ADDRESS)] = self.bme280
+            self._i2c = SimI2C(devices)
 
     # --- clock ---------------------------------------------------------------------------
 
@@ -56,26 +67,62 @@ class Board:
         return self._virtual_ms
 
     def _ask(self, request):
-        """Send a request to the simulator, apply its reply: W <ms since boot> [adc_t adc_p adc_h]
-        (time now, and what the sensor senses) or E (the simulated world has ended)."""
+        """Send a request to the simulator and return its reply's words: W <ms since boot>
+        (time now) or E (the simulated world has ended) for time requests; D <hex> / A / N for
+        bus transactions."""
         self._control.sendto(request.encode(), self._control_addr)
         try:
-            reply = self._control.recv(128).decode().split()
+            reply = self._control.recv(300).decode().split()
         except OSError:
             raise SimulationEnded("sim: no reply from the simulator to %r" % request)
-        if reply[0] == "E":
-            return False
-        self._virtual_ms = int(reply[1])
-        if len(reply) == 5 and self.bme280 is not None:
-            self.bme280.set_raw(int(reply[2]), int(reply[3]), int(reply[4]))
-        return True
+        if reply[0] == "W":
+            self._virtual_ms = int(reply[1])
+            if request[0] == "C":
+                self._fed_ms = self._virtual_ms  # lightsleep keeps the watchdog fed (hw.py)
+            self._check_wdt()
+        return reply
+
+    def _wait(self, request):
+        return self._ask(request)[0] != "E"
+
+    # --- reset and watchdog ----------------------------------------------------------------
+
+    def reset_cause(self):
+        try:
+            with open(_RESET_FILE) as f:
+                cause = int(f.read())
+            import os
+
+            os.remove(_RESET_FILE)
+            return cause
+        except (OSError, ValueError):
+            return PWRON_RESET
+
+    def reset(self, cause=SOFT_RESET):
+        with open(_RESET_FILE, "w") as f:
+            f.write("%d" % cause)
+        raise SystemExit(RESET_EXIT)
+
+    def wdt(self, timeout_ms):
+        """machine.WDT stand-in: resets the board when not fed for timeout_ms of awake time."""
+        self._wdt_ms = timeout_ms
+        self._fed_ms = self.ticks_ms()
+        return self
+
+    def feed(self):
+        self._fed_ms = self.ticks_ms()
+
+    def _check_wdt(self):
+        if self._wdt_ms and self.ticks_ms() - self._fed_ms > self._wdt_ms:
+            print("(sim: watchdog expired, resetting)")
+            self.reset(WDT_RESET)
 
     def sleep_ms(self, ms):
         """A short wait inside a task (a sensor's conversion time): time passes, nothing else."""
         if self._control is None:
             time.sleep_ms(ms)
         else:
-            self._ask("S %d" % ms)
+            self._wait("S %d" % ms)
 
     def idle_ms(self, ms):
         """Sleep until the next sample (lightsleep on a real board). Returns False when the
@@ -84,7 +131,7 @@ class Board:
         if self._control is None:
             time.sleep_ms(ms)
             return True
-        return self._ask("C %d" % ms)
+        return self._wait("C %d" % ms)
 
     # --- buses and network ---------------------------------------------------------------
 
@@ -110,8 +157,32 @@ class Board:
     def wait_readable(self, sock, timeout_ms):
         if self._control is not None:
             # Let the simulator deliver what the host sent, then look without blocking.
-            self._ask("R %d" % timeout_ms)
+            self._wait("R %d" % timeout_ms)
             timeout_ms = 0
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         return bool(poller.poll(timeout_ms))
+
+
+class _BridgedI2C:
+    """machine.I2C's memory transactions, carried to the simulator's BME280 registers."""
+
+    def __init__(self, board):
+        self._board = board
+
+    def _transfer(self, request):
+        reply = self._board._ask(request)
+        if reply[0] == "N":
+            raise OSError(19)  # ENODEV: nobody acknowledged the address, as machine.I2C says
+        return reply
+
+    def readfrom_mem(self, addr, reg, n):
+        return bytes.fromhex(self._transfer("IR %d %d %d" % (addr, reg, n))[1])
+
+    def readfrom_mem_into(self, addr, reg, buf):
+        data = self.readfrom_mem(addr, reg, len(buf))
+        for i in range(len(buf)):
+            buf[i] = data[i]
+
+    def writeto_mem(self, addr, reg, buf):
+        self._transfer("IW %d %d %s" % (addr, reg, bytes(buf).hex()))

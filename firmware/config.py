@@ -17,27 +17,46 @@ class ConfigError(Exception):
 
 
 class Config:
-    """Validated node settings. Fields and defaults are documented in README "Provisioning"."""
+    """Validated node settings (attributes only: no methods, so that once the node is built
+    this module can be dropped from the heap). Fields and defaults: README "Provisioning"."""
 
-    def __init__(self, raw):
-        if not isinstance(raw, dict):
-            raise ConfigError("config: top level must be a JSON object")
-        self.raw = raw
-        self.node_id = _int(raw, "node_id", None, 0, 0xFFFFFFFF)
-        self.key = _key(raw)
-        self.role = _str(raw, "role", "node")
-        if self.role not in ROLES:
-            raise ConfigError("config: role must be one of %s, got %r" % (ROLES, self.role))
-        self.board = _str(raw, "board", None)
-        self.interval_s = _int(raw, "interval_s", 60, 1, 86400)
-        self.batch = _int(raw, "batch", 10, 1, 64)
-        self.max_pending = _int(raw, "max_pending", 1440, 1, 100000)
-        self.ack_timeout_ms = _int(raw, "ack_timeout_ms", 2000, 10, 60000)
-        uplink = _str(raw, "uplink", None)
-        host, _, port = uplink.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError("config: uplink must be 'host:port', got %r" % uplink)
-        self.uplink = (host, int(port))
+    raw = {}  # type: dict
+    node_id = 0
+    key = b""
+    role = "node"
+    board = ""
+    interval_s = 60
+    batch = 10
+    journal_capacity = 10080
+    ack_timeout_ms = 2000
+    status_every = 60
+    wdt_ms = 30000
+    uplink = ("", 0)
+
+
+def parse(raw):
+    if not isinstance(raw, dict):
+        raise ConfigError("config: top level must be a JSON object")
+    c = Config()
+    c.raw = raw
+    c.node_id = _int(raw, "node_id", None, 0, 0xFFFFFFFF)
+    c.key = _key(raw)
+    c.role = _str(raw, "role", "node")
+    if c.role not in ROLES:
+        raise ConfigError("config: role must be one of %s, got %r" % (ROLES, c.role))
+    c.board = _str(raw, "board", None)
+    c.interval_s = _int(raw, "interval_s", 60, 1, 86400)
+    c.batch = _int(raw, "batch", 10, 1, 64)
+    c.journal_capacity = _int(raw, "journal_capacity", 10080, 16, 1000000)
+    c.ack_timeout_ms = _int(raw, "ack_timeout_ms", 2000, 10, 60000)
+    c.status_every = _int(raw, "status_every", 60, 0, 100000)  # cycles; 0 = at boot only
+    c.wdt_ms = _int(raw, "wdt_ms", 30000, 1000, 600000)
+    uplink = _str(raw, "uplink", None)
+    host, _, port = uplink.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("config: uplink must be 'host:port', got %r" % uplink)
+    c.uplink = (host, int(port))
+    return c
 
 
 def _missing(name):
@@ -84,4 +103,4 @@ def load(path=PATH):
         raw = json.loads(text)
     except ValueError:
         raise ConfigError("config: %s is not valid JSON" % path)
-    return Config(raw)
+    return parse(raw)

@@ -16,16 +16,47 @@ ERROR = const(3)
 _LETTERS = "DIWE"
 
 
+_KEEP = const(8)  # lines kept in RAM for the post-mortem file
+
+
 class Log:
     """Writes `I 12.345 node sent frame seq=5 readings=10` lines to the console.
 
     uptime comes from the board's clock (ms since boot), so simulated nodes log simulated time.
+    The last lines are kept in RAM; save() writes them to flash (before a reset, after an
+    error) so that the next boot can show them (main.dump_log()).
     """
 
     def __init__(self, ticks_ms, level=INFO, out=print):
         self._ticks_ms = ticks_ms
         self.level = level
         self._out = out
+        self._ring = [None] * _KEEP  # type: list
+        self._next = 0
+
+    def lines(self):
+        """The kept lines, oldest first."""
+        out = []
+        for i in range(_KEEP):
+            line = self._ring[(self._next + i) % _KEEP]
+            if line is not None:
+                out.append(line)
+        return out
+
+    def save(self, path, reset_cause):
+        """Persist the last lines and why the node is about to reset (atomic rename)."""
+        try:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("reset_cause=%s\n" % reset_cause)
+                for line in self.lines():
+                    f.write(line)
+                    f.write("\n")
+            import os
+
+            os.rename(tmp, path)
+        except OSError:
+            pass  # a full or broken filesystem must not stop the reset
 
     def _write(self, level, subsystem, message, fields):
         if level < self.level:
@@ -38,6 +69,8 @@ class Log:
                 if isinstance(value, str) and (" " in value or not value):
                     value = '"%s"' % value
                 line += " %s=%s" % (key, value)
+        self._ring[self._next] = line
+        self._next = (self._next + 1) % _KEEP
         self._out(line)
 
     def debug(self, subsystem, message, **fields):

@@ -1,53 +1,53 @@
-# Boot entry: read config.json, build the board it names, run the node; report, never halt.
+# Boot entry: prepare (firmware/boot.py), build the node, run it; report, never halt.
 # On a board, /main.py does `from firmware import main; main.run()`.
 
 import gc
-import time
+import sys
 
-from firmware import config
-from firmware import log as logmod
-from firmware.seq import SeqError, Sequence
-
-_RETRY_S = 10
+LAST_LOG = "lastlog.txt"
+_RETRY_MS = 10000
 
 
-def _boot_log():
-    start = time.ticks_ms() if hasattr(time, "ticks_ms") else 0
-    if hasattr(time, "ticks_ms"):
-        return logmod.Log(lambda: time.ticks_diff(time.ticks_ms(), start))
-    return logmod.Log(lambda: 0)
+def _drop(package, names):
+    """Forget modules that are done, so their code leaves the heap (a 64 KB board needs it)."""
+    for name in names:
+        sys.modules.pop(package.__name__ + "." + name, None)
+        if hasattr(package, name):
+            delattr(package, name)
+    gc.collect()
 
 
-def load_board(name, raw):
-    try:
-        module = getattr(__import__("boards." + name), name)
-    except ImportError:
-        raise config.ConfigError("config: unknown board %r (no boards/%s.py)" % (name, name))
-    return module.Board(raw)
+def run():
+    import firmware
+    from firmware import boot
 
+    cfg, board, log, boot_no, cause = boot.prepare()
+    boot = None
+    _drop(firmware, ("boot", "config"))
 
-def run(config_path=config.PATH):
-    log = _boot_log()
-    # The node's code is imported first, while the heap is still in one piece.
+    from firmware.clock import Clock
+    from firmware.journal import Journal
+    from firmware.links import UdpLink
     from firmware.node import Node
+    from firmware.seq import Sequence
 
-    while True:
-        try:
-            cfg = config.load(config_path)
-            gc.collect()
-            board = load_board(cfg.board, cfg.raw)
-            break
-        except (config.ConfigError, ValueError) as e:
-            # Stay up with the REPL reachable so a technician can fix the file with mpremote.
-            log.error("config", str(e), retry_s=_RETRY_S)
-            time.sleep(_RETRY_S)
-    log = logmod.Log(board.ticks_ms)
     try:
         sequence = Sequence()
-    except SeqError as e:
-        log.error("node", str(e))
-        while board.idle_ms(_RETRY_S * 1000):
-            log.error("node", "not sending: sequence counter unusable")
+        journal = Journal(capacity=cfg.journal_capacity, log=log)
+    except Exception as e:  # a corrupt counter or a broken filesystem: say so, do not send
+        log.error("node", "cannot start", error=str(e))
+        while board.idle_ms(_RETRY_MS):
+            log.error("node", "not sending: flash state unusable", error=str(e))
         return
-    node = Node(cfg, board, log, sequence)
-    node.run()
+    link = UdpLink(board, cfg.uplink, log)
+    node = Node(cfg, board, log, sequence, journal, link, Clock(boot_no), (boot_no, cause))
+    _drop(firmware, ("journal_boot",))
+    wdt = board.wdt(cfg.wdt_ms)
+    try:
+        node.run(wdt)
+    except Exception as e:  # the last resort: log, keep the evidence, reset
+        log.error("node", "crashed", exc=type(e).__name__, error=str(e))
+        if hasattr(sys, "print_exception"):
+            sys.print_exception(e)
+        log.save(LAST_LOG, "crash")
+        board.reset()

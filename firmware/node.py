@@ -1,5 +1,8 @@
-# The node role: sample the sensor, batch readings, send them as signed DATA frames, keep them
-# until the host acknowledges them. Hardware (bus, clock, network) comes from the board.
+# The node role: sample the sensor, append each reading to the flash journal, send the oldest
+# readings in signed DATA frames, forget them only when the host acknowledges them.
+# Hardware (bus, clock, radio or network) comes from the board; the uplink from firmware/links.
+
+import gc
 
 from firmware import bme280
 from protocols import frame
@@ -12,29 +15,35 @@ except ImportError:
         return x
 
 
-FW_VERSION = "0.1.0"
-_RX_BUF = const(64)  # an ack with a few ranges is ~20 bytes
+FW_VERSION = "0.2.0"
+FW_VERSION_INT = const(200)  # major * 10000 + minor * 100 + patch (SPEC.md, status field 7)
+_MAX_AGE_MS = const(0x7FFFFFFF)
 
 
 class Node:
-    def __init__(self, cfg, board, log, sequence):
+    def __init__(self, cfg, board, log, sequence, journal, link, clock, boot):
         self.cfg = cfg
         self.board = board
         self.log = log
         self.seq = sequence
+        self.journal = journal
+        self.link = link
+        self.clock = clock
+        self.boot = boot  # (boot count, reset cause)
         self.signer = frame.Signer(cfg.key)
-        self.pending = []  # [(sample ticks_ms, (t_centi_c, h_centi_pct, p_pa))], oldest first
         self.sensor = None
-        self.sock = None
-        self.utc_offset_ms = None  # host UTC ms minus ticks_ms, once an ack has told us
+        self.cycles = 0
+        self.awake_ms_total = 0
         self.stats = {
             "sampled": 0,
             "sensor_faults": 0,
-            "dropped": 0,
+            "journal_errors": 0,
+            "unplaceable": 0,
             "frames_sent": 0,
             "frames_acked": 0,
             "acks_rejected": 0,
             "bytes_sent": 0,
+            "status_sent": 0,
         }
 
     # --- sensor -------------------------------------------------------------------------
@@ -62,69 +71,126 @@ class Node:
             self.log.error("sensor", str(e))
             self.sensor = None  # re-probe next cycle: the chip may have been reset or re-seated
             return False
-        self.pending.append((self.board.ticks_ms(), values))
+        dropped = self.journal.dropped
+        try:
+            self.journal.append(self.boot[0], self.board.ticks_ms(), values)
+        except Exception as e:  # JournalError (full or broken flash): count, keep running
+            self.stats["journal_errors"] += 1
+            self.log.error("journal", "reading not stored", error=str(e))
+            return False
         self.stats["sampled"] += 1
-        self.log.debug("sensor", "sample", t=values[0], h=values[1], p=values[2])
-        if len(self.pending) > self.cfg.max_pending:
-            self.pending.pop(0)
-            self.stats["dropped"] += 1
-            self.log.warning("node", "buffer full, dropped oldest reading", dropped=1)
+        if self.journal.dropped != dropped:
+            self.log.warning(
+                "journal", "full, dropped oldest readings", dropped=self.journal.dropped - dropped
+            )
         return True
 
     # --- uplink -------------------------------------------------------------------------
 
-    def _socket(self):
-        if self.sock is None:
-            self.sock = self.board.udp_socket()
-        return self.sock
-
     def send_pending(self, flush=False):
-        """Send full batches (every reading if flush); stop at the first unacknowledged one."""
+        """Send full batches (every reading if flush), oldest first; stop at the first one
+        that is not acknowledged: the rest waits in the journal for the next cycle."""
         batch = self.cfg.batch
-        while self.pending and (flush or len(self.pending) >= batch):
-            if not self.board.network_up():
-                self.log.warning(
-                    "link", "network down, keeping readings", pending=len(self.pending)
-                )
+        while len(self.journal) and (flush or len(self.journal) >= batch):
+            if not self.link.up():
+                self.log.warning("link", "down, keeping readings", pending=len(self.journal))
                 return False
-            chunk = self.pending[:batch]
-            if not self._send(chunk):
+            records = self.journal.peek(batch)
+            readings, ages, skip = self._place(records)
+            if skip:  # earlier boots that never learned the time: cannot be placed
+                self.journal.ack(skip)
+                self.stats["unplaceable"] += skip
+                self.log.error("clock", "readings from a boot without time dropped", count=skip)
+                continue
+            if not readings:
+                # Earlier boots' readings wait until this boot knows the time: the ack of a
+                # status frame tells it.
+                if not self.send_status() or self.clock.offset() is None:
+                    return False
+                continue
+            if not self._send_data(readings, ages):
                 return False
-            del self.pending[: len(chunk)]
+            self.journal.ack(len(readings))
         return True
 
-    def _send(self, chunk):
+    def _place(self, records):
+        """Readings and ages (s, non-increasing) for the oldest records; or how many leading
+        records are unplaceable; or nothing if the time is not known yet."""
         now = self.board.ticks_ms()
-        ages = [(now - t + 500) // 1000 for t, _ in chunk]
+        readings = []
+        ages = []
+        last = _MAX_AGE_MS
+        for i in range(len(records)):
+            boot, ms, values = records[i]
+            age = self.clock.age_ms(boot, ms, now)
+            if age is None:
+                if i:
+                    break  # send what is placeable; the rest waits
+                if self.clock.offset() is None:
+                    return readings, ages, 0
+                return readings, ages, self._count_unplaceable(records)
+            age = min(max(0, age), last)  # clock offsets are +-1 s: keep the order
+            last = age
+            readings.append(values)
+            ages.append((age + 500) // 1000)
+        return readings, ages, 0
+
+    def _count_unplaceable(self, records):
+        n = 0
+        for boot, ms, _ in records:
+            if self.clock.age_ms(boot, ms, 0) is not None:
+                break
+            n += 1
+        return n
+
+    def _send_data(self, readings, ages):
         seq = self.seq.take()
         data = frame.encode_data(
-            self.signer, self.cfg.node_id, seq, frame.BME280_CHANNELS, [v for _, v in chunk], ages
+            self.signer, self.cfg.node_id, seq, frame.BME280_CHANNELS, readings, ages
         )
-        sock = self._socket()
-        try:
-            sock.sendto(data, self.board.uplink_address(self.cfg.uplink))
-        except OSError as e:
-            self.log.warning("link", "send failed", seq=seq, errno=_errno(e))
+        return self._transmit(data, seq, "frame", len(readings))
+
+    def send_status(self):
+        fields = {
+            1: self.boot[0],
+            2: self.boot[1],
+            3: gc.mem_free(),
+            4: len(self.journal),
+            5: self.journal.dropped + self.stats["unplaceable"],
+            6: self.link.rssi,
+            7: FW_VERSION_INT,
+            8: self.stats["sensor_faults"],
+            9: self.board.ticks_ms() // 1000,
+        }
+        seq = self.seq.take()
+        data = frame.encode_status(self.signer, self.cfg.node_id, seq, fields)
+        self.stats["status_sent"] += 1
+        return self._transmit(data, seq, "status", 0)
+
+    def _transmit(self, data, seq, what, n):
+        if not self.link.send(data):
             return False
         self.stats["frames_sent"] += 1
         self.stats["bytes_sent"] += len(data)
-        self.log.info("link", "sent frame", seq=seq, readings=len(chunk), bytes=len(data))
+        if n:
+            self.log.info("link", "sent frame", seq=seq, readings=n, bytes=len(data))
+        else:
+            self.log.info("link", "sent " + what, seq=seq, bytes=len(data))
         if self._await_ack(seq):
             self.stats["frames_acked"] += 1
             return True
-        self.log.warning("link", "no ack, will retry", seq=seq, pending=len(self.pending))
+        self.log.warning("link", "no ack, will retry", seq=seq, pending=len(self.journal))
         return False
 
     def _await_ack(self, seq):
         deadline = self.board.ticks_ms() + self.cfg.ack_timeout_ms
         while True:
             left = deadline - self.board.ticks_ms()
-            if left <= 0 or not self.board.wait_readable(self.sock, left):
+            if left <= 0:
                 return False
-            try:
-                data = self.sock.recv(_RX_BUF)
-            except OSError:
-                continue
+            data = self.link.receive(left)
+            if data is None:
+                return False
             if self._handle_ack(data, seq):
                 return True
 
@@ -141,27 +207,18 @@ class Node:
             return False
         for first, last in ack.acked:
             if first <= seq <= last:
-                self._sync_clock(ack.host_time)
+                # Only an ack of the frame just sent is fresh enough to set the clock by.
+                step = self.clock.sync(ack.host_time, self.board.ticks_ms())
+                if step is not None:
+                    self.log.info("clock", "synced to host", utc=ack.host_time, step_ms=step)
                 return True
+        self.stats["acks_rejected"] += 1
         self.log.warning("link", "ack does not cover the frame sent", seq=seq)
         return False
 
-    def _sync_clock(self, host_time):
-        # Only acks of the frame just sent reach here, so the time is fresh (SPEC.md, ACK).
-        offset = host_time * 1000 - self.board.ticks_ms()
-        old = self.utc_offset_ms
-        if old is None or abs(offset - old) > 2000:
-            self.log.info(
-                "clock",
-                "synced to host",
-                utc=host_time,
-                step_ms=0 if old is None else offset - old,
-            )
-        self.utc_offset_ms = offset
-
     # --- main loop ----------------------------------------------------------------------
 
-    def run(self):
+    def run(self, wdt=None):
         interval_ms = self.cfg.interval_s * 1000
         self.log.info(
             "node",
@@ -169,19 +226,28 @@ class Node:
             node=self.cfg.node_id,
             fw=FW_VERSION,
             board=self.board.NAME,
-            interval_s=self.cfg.interval_s,
-            batch=self.cfg.batch,
+            link=self.link.NAME,
+            boot=self.boot[0],
+            reset_cause=self.boot[1],
+            pending=len(self.journal),
         )
+        self.send_status()
         while True:
+            if wdt is not None:
+                wdt.feed()
             start = self.board.ticks_ms()
             self.sample()
             self.send_pending()
+            self.cycles += 1
+            if self.cfg.status_every and self.cycles % self.cfg.status_every == 0:
+                self.send_status()
             awake = self.board.ticks_ms() - start
+            self.awake_ms_total += awake
             if not self.board.idle_ms(max(0, interval_ms - awake)):
                 break  # only a simulated world ends
         self.send_pending(flush=True)
+        self.stats["pending"] = len(self.journal)
+        self.stats["dropped"] = self.journal.dropped
+        gc.collect()
+        self.stats["free_heap"] = gc.mem_free()
         self.log.info("node", "stopped", **self.stats)
-
-
-def _errno(e):
-    return e.args[0] if e.args else 0

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from host_tools import weather
-from host_tools.fleet import Fleet, NodeSpec
+from host_tools.fleet import NODE_HEAP, Fleet, NodeSpec
 from host_tools.receiver import Receiver, Verifier
 from host_tools.sinks import SqliteSink
 
@@ -59,7 +59,7 @@ def run(args, workdir):
     for stale in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
         stale.unlink(missing_ok=True)  # the demo's file: each run starts from an empty table
     sink = SqliteSink(db)
-    fleet = Fleet(workdir, specs, receiver=None)
+    fleet = Fleet(workdir, specs, receiver=None, heap=getattr(args, "heap", None) or NODE_HEAP)
     receiver = Receiver(Verifier(keys), sink, clock=fleet.clock)
     fleet.receiver = receiver
     t0 = time.monotonic()
@@ -74,7 +74,8 @@ def run(args, workdir):
 def summarize(specs, results, receiver, db, elapsed):
     stats = [r["stats"] for r in results]
     sampled = sum(s.get("sampled", 0) for s in stats)
-    frames_sent = sum(s.get("frames_sent", 0) for s in stats)
+    status_sent = sum(s.get("status_sent", 0) for s in stats)
+    frames_sent = sum(s.get("frames_sent", 0) for s in stats) - status_sent  # DATA frames
     uplink_bytes = sum(s.get("bytes_sent", 0) for s in stats)
     con = sqlite3.connect(db)
     try:
@@ -118,6 +119,9 @@ def summarize(specs, results, receiver, db, elapsed):
         "frames_sent": frames_sent,
         "frames_accepted": counters.get("frames_accepted", 0),
         "frames_rejected": rejected,
+        "status_frames_sent": status_sent,
+        "status_frames_accepted": counters.get("status_accepted", 0),
+        "node_resets": sum(r.get("resets", 0) for r in results),
         "uplink_bytes": uplink_bytes,
         "bytes_per_reading": round(uplink_bytes / stored, 2) if stored else None,
         "max_abs_diff": {q: round(v, 4) for q, v in max_diff.items()},

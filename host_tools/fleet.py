@@ -17,11 +17,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from boards.sim_bme280 import SimBME280
+from boards.sim_bme280 import SimBME280, SimI2C
 from host_tools import build
 from protocols import frame
 
 BOOT = "from firmware import main; main.run()"
+# The node's MicroPython heap. 72 KB on this 64-bit unix port: pointers and object headers are
+# twice a 32-bit board's, so this is less than an ESP32's ~100 KB free heap (FIELD.md) holds.
+# The node with its flash journal does not fit 64 KB here (bench/RESULTS.md, "Node heap").
+NODE_HEAP = "72K"
+RESET_EXIT = 3  # boards/sim.py: the node asked for a reset (crash, watchdog, machine.reset)
+MAX_RESETS = 20  # per node: a node that keeps resetting is a failed test, not a loop
 
 
 class FleetError(Exception):
@@ -50,17 +56,18 @@ class _Node:
     deadline_ms: int = 0
     delivered: bool = False  # a downlink arrived for it while it waited
     ended: bool = False
+    booted: bool = False
+    resets: int = 0
 
 
 class Fleet:
-    def __init__(self, workdir, specs, receiver, heap="64K", build_dir=None):
+    def __init__(self, workdir, specs, receiver, heap=NODE_HEAP, build_dir=None):
         self.workdir = Path(workdir)
         self.specs = specs
         self.receiver = receiver
         self.heap = heap
         self.build_dir = Path(build_dir) if build_dir else build.default_build_dir()
         self.now_ms = min(s.rows[0][0] for s in specs) * 1000 if specs else 0
-        self.sensor = SimBME280()  # the same register model the boards run: raw ADC values
         self.datagrams = 0
 
     def clock(self):
@@ -109,19 +116,41 @@ class Fleet:
         config.update(extra)
         (home / "config.json").write_text(json.dumps(config, indent=1))
         log_path = home / "console.log"
-        log_file = open(log_path, "w")
+        node = _Node(spec, None, log_path)
+        node.home = home
+        # The node's I2C bus and the chips on it live here; the board bridges transactions.
+        hw = dict(config["sim"])
+        node.bme280 = (
+            SimBME280(chip_id=hw.get("chip_id", 0x60)) if hw.get("bme280", True) else None
+        )
+        address = hw.get("bme280_address", 0x76)
+        node.i2c = SimI2C({address: node.bme280} if node.bme280 else {})
+        node.log_file = open(log_path, "w")
+        self._spawn(node)
+        return node
+
+    def _spawn(self, node):
         env = dict(os.environ, MICROPYPATH=".frozen:%s" % self.build_dir)
-        proc = subprocess.Popen(
+        node.proc = subprocess.Popen(
             [build.tool("micropython"), "-X", "heapsize=" + self.heap, "-c", BOOT],
-            cwd=home,
+            cwd=node.home,
             env=env,
-            stdout=log_file,
+            stdout=node.log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        node = _Node(spec, proc, log_path)
-        node.log_file = log_file
-        return node
+        node.waiting = None
+
+    def _reaped(self, node):
+        """A node process ended: a reset (restart it, like the hardware would) or the end."""
+        if node.proc.returncode != RESET_EXIT or node.ended:
+            return True
+        node.resets += 1
+        if node.resets > MAX_RESETS:
+            raise FleetError("fleet: node %d reset %d times" % (node.spec.node_id, node.resets))
+        node.log_file.flush()
+        self._spawn(node)
+        return False
 
     # --- lockstep ------------------------------------------------------------------------
 
@@ -135,18 +164,26 @@ class Fleet:
             ready, _, _ = select.select([self._control], [], [], 0.05)
             if ready:
                 self._request(*self._control.recvfrom(256))
-            else:  # quiet: has a node exited (finished, or crashed)?
-                alive = [n for n in alive if n.proc.poll() is None]
+            else:  # quiet: has a node exited (finished, or reset)?
+                alive = [n for n in alive if n.proc.poll() is None or not self._reaped(n)]
 
     def _request(self, data, addr):
         words = data.decode().split()
         kind = words[0]
+        if kind[0] == "I":  # a bus transaction: answered at once, time does not move
+            self._control.sendto(self._bus(self._by_addr[addr], words), addr)
+            return
         if kind == "H":
             node = self._by_id.get(int(words[1]))
             if node is None:
                 raise FleetError("fleet: unknown node %s said hello" % words[1])
             node.addr = addr
             self._by_addr[addr] = node
+            if node.booted:  # a reset: the board restarts now, sensing what is there now
+                node.boot_ms = self.now_ms
+                self._wake(node, sense="again")
+                return
+            node.booted = True
             node.boot_ms = node.spec.rows[0][0] * 1000
             self.now_ms = max(self.now_ms, node.boot_ms)
             self._wake(node, sense=True)  # boots at its first row's time and samples it
@@ -178,13 +215,27 @@ class Fleet:
             else:
                 self._wake(n, sense=n.waiting == "C")
 
+    def _bus(self, node, words):
+        addr, reg = int(words[1]), int(words[2])
+        try:
+            if words[0] == "IR":
+                return b"D " + node.i2c.readfrom_mem(addr, reg, int(words[3])).hex().encode()
+            node.i2c.writeto_mem(addr, reg, bytes.fromhex(words[3]))
+            return b"A"
+        except OSError:
+            return b"N"
+
     def _wake(self, node, sense):
+        """Reply to a waiting node: the time, and with sense=True the next row's conditions
+        ("again": the current row's, for a board that just restarted)."""
         node.waiting = None
         reply = "W %d" % (self.now_ms - node.boot_ms)
         if sense:
-            _, t, h, p = node.spec.rows[node.row]
-            node.row += 1
-            reply += " %d %d %d" % self.sensor.set_environment(t, h, p)
+            if sense is True:
+                node.row += 1
+            _, t, h, p = node.spec.rows[node.row - 1]
+            if node.bme280 is not None:
+                node.bme280.set_environment(t, h, p)
         self._control.sendto(reply.encode(), node.addr)
 
     def _drain(self):
@@ -218,6 +269,7 @@ class Fleet:
         return {
             "node_id": node.spec.node_id,
             "exit_code": node.proc.returncode,
+            "resets": node.resets,
             "stats": {k: int(v) for k, v in stats.items() if v.lstrip("-").isdigit()},
             "log": str(node.log_path),
             "log_tail": log.splitlines()[-5:],

@@ -14,12 +14,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from boards.sim_bme280 import (
-    CALIBRATION_RANGES,
     DEFAULT_CALIBRATION,
     SimBME280,
-    SimBusioI2C,
     SimI2C,
 )
+from boards.sim_world import CALIBRATION_RANGES, SimBusioI2C
 from firmware.bme280 import BME280, SensorError, t_fine, temperature_centi
 
 REPO = Path(__file__).resolve().parents[1]

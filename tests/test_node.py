@@ -11,7 +11,7 @@ import pytest
 from conftest import shared_trace
 
 from host_tools import weather
-from host_tools.fleet import Fleet, NodeSpec
+from host_tools.fleet import NODE_HEAP, Fleet, NodeSpec
 from host_tools.receiver import Receiver, Verifier
 from host_tools.sinks import SqliteSink
 from protocols import frame
@@ -90,13 +90,15 @@ def test_trace_replay_stores_each_row_at_its_time(tmp_path):
 def test_node_log_lines_are_greppable(tmp_path):
     results, _, _ = run_fleet(tmp_path, [NodeSpec(3, KEY, generated(25), 60, 10)])
     lines = console(results[0]).splitlines()
-    assert lines[0].startswith("I 0.000 node started ")
-    assert "node=3" in lines[0] and "fw=" in lines[0]
+    assert lines[0].startswith("I 0.000 journal opened ")
+    assert lines[1].startswith("I 0.000 node started ")
+    assert "node=3" in lines[1] and "fw=" in lines[1] and "boot=1" in lines[1]
+    assert lines[2].startswith("I 0.000 link sent status ")
     sent = [ln for ln in lines if " link sent frame " in ln]
     assert len(sent) == 3  # 10 + 10 + the 5 flushed when the simulated world ends
     level, uptime, subsystem = sent[0].split()[:3]
     assert (level, subsystem) == ("I", "link") and float(uptime) == pytest.approx(540, abs=1)
-    assert "seq=0" in sent[0] and "readings=10" in sent[0]
+    assert "seq=1" in sent[0] and "readings=10" in sent[0]  # seq 0 was the status frame
 
 
 class ForgeFirstAcks:
@@ -130,9 +132,10 @@ def test_forged_acks_are_rejected_and_readings_resent(tmp_path):
     assert stats["acks_rejected"] == 2 and stats["frames_sent"] == stats["frames_acked"] + 2
     # Nothing lost and nothing doubled: the resent readings land on the same rows.
     assert len({(n, ts) for n, ts, _, _ in stored}) == 40
-    # The two refused frames were resent under new seqs: 20 readings arrived twice. Lockstep
-    # time makes their timestamps identical, so the primary key keeps one row each.
-    assert receiver.counters["readings_accepted"] == 40 + 20
+    # The refused acks were the boot status frame's and the first data frame's: its 10
+    # readings were resent under a new seq. Lockstep time makes their timestamps identical, so
+    # the primary key keeps one row each.
+    assert receiver.counters["readings_accepted"] == 40 + 10
 
 
 class DropFirst:
@@ -188,7 +191,7 @@ def boot_alone(tmp_path, board_build, config_text):
         [
             board_build["micropython"],
             "-X",
-            "heapsize=64K",
+            "heapsize=" + NODE_HEAP,
             "-c",
             "from firmware import main; main.run()",
         ],

@@ -16,6 +16,9 @@ def add_arguments(p):
         "--interval", type=int, default=60, metavar="S", help="sampling interval, s (60)"
     )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (0)")
+    p.add_argument(
+        "--heap", help="each node's MicroPython heap (default 72K, see host_tools/fleet.py)"
+    )
     p.add_argument("--workdir", metavar="DIR", help="keep node filesystems and console logs here")
 
 

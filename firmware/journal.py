@@ -1,0 +1,568 @@
+# Store-and-forward journal: every reading is written to flash before it is sent and stays there
+# until the host acknowledges it. Survives a power cut at any write on littlefs; bounded; low wear.
+#
+# On flash (the directory `path`; a record's index counts readings since provisioning):
+#   r%08x   "small" files of up to T records, named by the index of their first record (a
+#           multiple of T). T records fit littlefs's inline limit (128 bytes with MicroPython's
+#           defaults), so an append is one metadata commit (~100-400 bytes) instead of a copy of
+#           a file's last 4 KB block, which is what appending to a larger littlefs file costs.
+#   s%08x   segments of S records (one 4 KB block), named by a multiple of S: while the host is
+#           unreachable, every S readings are merged from the small files into one segment,
+#           because inline files take 4-5 times their size in metadata blocks.
+#   state0, state1   A/B copies of (index of the oldest unacknowledged record, dropped count),
+#           with a generation number and a CRC: each write goes to the older copy.
+# A record: boot u16, ms u32, N x i32, CRC-32 (seeded with the record's index, so a record found
+# at the wrong place does not pass). A segment starts with a 12-byte header (magic, version,
+# record size, index of its first record, CRC-32).
+# Acknowledging removes the files below the new oldest record, oldest first; the state is written
+# only when that record is not the first of a small file (at boot the oldest record on flash has
+# the say), so frames of 10 over small files of 5 cost no state write. A full journal drops the
+# oldest T readings at a time (one state write per T appends).
+#
+# Power cuts: a littlefs file write is atomic at close and rename is atomic, so the only states a
+# cut leaves are "record written or not", "state written or not" (the other copy is intact),
+# merged segment present or not (leftover small files are removed at boot), "*.tmp" leftovers
+# (removed). Acknowledged readings whose ack was cut short come back once (the host
+# de-duplicates); stored ones are never lost (tests/test_journal.py cuts power 1 000 times in CI).
+# On file systems where writes are not atomic (FAT, a host's POSIX), torn records fail their CRC
+# and a torn last record is cut off at boot. A lost oldest file cannot be told from an ack.
+# RAM: a few ints and small buffers, whatever the capacity; files are located by index.
+
+import os
+import struct
+
+try:
+    import binascii
+except ImportError:  # pragma: no cover
+    import ubinascii as binascii
+
+try:
+    from micropython import const
+except ImportError:
+
+    def const(x):
+        return x
+
+
+_ENOENT = const(2)
+_EEXIST = const(17)
+_ENOSPC = const(28)
+_VERSION = const(1)
+_INLINE_MAX = const(128)  # littlefs inline_max = cache_size = 4 * max(readsize, progsize) = 128
+_SEG_HEADER = const(12)
+_STATE_SIZE = const(24)
+_STATE_BODY = const(20)
+_MAGIC = b"CJ"
+_STATE_FMT = "<2sBBBBHIII"  # magic, version, record size, T, 0, S, position, dropped, generation
+_SEG_FMT = "<2sBBI"  # magic, version, record size, first index
+_ERRNAMES = {2: "ENOENT", 5: "EIO", 22: "EINVAL", 28: "ENOSPC", 30: "EROFS"}
+
+
+class JournalError(Exception):
+    """The journal could not store or acknowledge: the message says what and why. Attribute
+    errno: the OSError's errno (28 ENOSPC: flash full), or 0."""
+
+    def __init__(self, message, errno=0):
+        super().__init__(message)
+        self.errno = errno
+
+
+def _errno(e):
+    return e.args[0] if e.args and isinstance(e.args[0], int) else 0
+
+
+def _strerror(e):
+    n = _errno(e)
+    return "%s (errno %d)" % (_ERRNAMES.get(n, "OSError"), n)
+
+
+def _entries(path):
+    """(name, size) of each file in path: os.ilistdir on MicroPython, os.scandir on CPython."""
+    if hasattr(os, "ilistdir"):
+        for entry in os.ilistdir(path):
+            name = entry[0]
+            if len(entry) > 3 and entry[3] >= 0:
+                size = entry[3]
+            else:  # VfsPosix gives no size
+                size = os.stat(path + "/" + name)[6]
+            yield name, size
+    else:
+        for dirent in os.scandir(path):
+            yield dirent.name, dirent.stat().st_size
+
+
+def _parse(name):
+    """('r' or 's', index) for journal file names, else (None, 0)."""
+    if len(name) != 9 or name[0] not in "rs":
+        return None, 0
+    try:
+        return name[0], int(name[1:], 16)
+    except ValueError:
+        return None, 0
+
+
+class Journal:
+    """Readings waiting for the host's acknowledgement, on flash, oldest first.
+
+    append(boot, ms, values) stores one reading (durable when it returns); peek(n) gives the
+    oldest n as (boot, ms, values); ack(n) forgets them. When `capacity` readings are waiting,
+    append drops the oldest T of them (5 with 3 channels) and counts them in `dropped`.
+    segment_bytes: size of a merged segment file (default one 4 KB flash block); part of the
+    on-flash layout, like record_channels: a journal is reopened with the values it was made
+    with (JournalError otherwise)."""
+
+    def __init__(
+        self, path="journal", capacity=10080, record_channels=3, log=None, segment_bytes=4096
+    ):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError("journal: capacity must be >= 1, got %r" % (capacity,))
+        if not isinstance(record_channels, int) or not 1 <= record_channels <= 16:
+            raise ValueError("journal: record_channels must be 1..16, got %r" % (record_channels,))
+        self.path = path
+        self.capacity = capacity
+        self.channels = record_channels
+        self.log = log
+        rec = 10 + 4 * record_channels
+        self._rec = rec
+        self._fmt = "<HI%di" % record_channels
+        t = _INLINE_MAX // rec or 1
+        self._t = t
+        # S: records per segment, so that a segment fills one 4 KB flash block (a littlefs
+        # file of one block has no skip-list pointers); tests shrink it to merge more often.
+        self._s = t * max(1, (segment_bytes - _SEG_HEADER) // (t * rec))
+        self._buf = bytearray(rec)
+        self._body = memoryview(self._buf)[: rec - 4]
+        self._ibuf = bytearray(4)
+        self._sbuf = bytearray(_STATE_SIZE)
+        self._hbuf = bytearray(_SEG_HEADER)
+        self._hbody = memoryview(self._hbuf)[:8]
+        self.dropped = 0  # readings dropped because the journal was full (persisted)
+        self.corrupt = 0  # unreadable readings skipped since boot (bad CRC, missing file)
+        self.merges = 0
+        self.cleaned = 0  # leftover files removed at boot (after a power cut)
+        self._pos = 0  # index of the oldest unacknowledged record
+        self._next = 0  # index the next appended record gets
+        self._merged = 0  # records below this index live in segments, above in small files
+        self._gen = 0
+        self._tail_ok = False  # the small file for _next is known to hold exactly what it should
+        from firmware import journal_boot  # boot-time code, dropped from the heap after boot
+
+        journal_boot.boot(self)
+
+    # --- names and helpers ---------------------------------------------------------------
+
+    def _small(self, base):
+        return "%s/r%08x" % (self.path, base)
+
+    def _segment(self, base):
+        return "%s/s%08x" % (self.path, base)
+
+    def _info(self, message, **fields):
+        if self.log is not None:
+            self.log.info("journal", message, **fields)
+
+    def _warn(self, message, **fields):
+        if self.log is not None:
+            self.log.warning("journal", message, **fields)
+
+    def _error(self, message, **fields):
+        if self.log is not None:
+            self.log.error("journal", message, **fields)
+
+    def _crc(self, index, data):
+        struct.pack_into("<I", self._ibuf, 0, index & 0xFFFFFFFF)
+        return binascii.crc32(data, binascii.crc32(self._ibuf))
+
+    def _valid(self, index):
+        """Is self._buf a good record for this index?"""
+        stored = struct.unpack_from("<I", self._buf, self._rec - 4)[0]
+        return stored == self._crc(index, self._body)
+
+    def _remove(self, name):
+        try:
+            os.remove(name)
+        except OSError as e:
+            if _errno(e) != _ENOENT:
+                raise
+
+    # --- boot: state, scan, clean-up -----------------------------------------------------
+
+    def _first(self, f, base, size):
+        """(index of the first record, problem or None) of an open segment of `size` bytes.
+        The header says where it starts; if the header is damaged, the size says it (a
+        segment ends at base + S)."""
+        rec, s = self._rec, self._s
+        hdr = self._hbuf
+        by_size = base + s - min(s, max(0, size - _SEG_HEADER) // rec)
+        f.seek(0)
+        if f.readinto(hdr) != _SEG_HEADER:
+            return by_size, "no header"
+        if struct.unpack_from("<I", hdr, 8)[0] != binascii.crc32(self._hbody):
+            return by_size, "header CRC mismatch"
+        magic, version, size_rec, first = struct.unpack_from(_SEG_FMT, hdr)
+        if magic != _MAGIC or version != _VERSION or size_rec != rec:
+            return by_size, "not a v%d segment of %d-byte records" % (_VERSION, rec)
+        if not base <= first <= base + s:
+            return by_size, "header says first %d, outside %d..%d" % (first, base, base + s)
+        expected = _SEG_HEADER + (base + s - first) * rec
+        if size != expected:
+            return first, "%d bytes, expected %d" % (size, expected)
+        return first, None
+
+    def _write_state(self, pos, dropped):
+        gen = self._gen + 1
+        buf = self._sbuf
+        struct.pack_into(
+            _STATE_FMT, buf, 0, _MAGIC, _VERSION, self._rec, self._t, 0, self._s, pos, dropped, gen
+        )
+        struct.pack_into("<I", buf, _STATE_BODY, binascii.crc32(memoryview(buf)[:_STATE_BODY]))
+        name = "%s/state%d" % (self.path, gen & 1)
+        try:
+            with open(name, "wb") as f:
+                f.write(buf)
+        except OSError as e:
+            raise JournalError(
+                "journal: cannot write %s: %s; acknowledged readings will be re-sent"
+                % (name, _strerror(e)),
+                _errno(e),
+            )
+        self._gen = gen
+
+    # --- append --------------------------------------------------------------------------
+
+    def __len__(self):
+        return self._next - self._pos
+
+    def append(self, boot, ms, values):
+        """Store one reading; it is on flash when this returns. Raises ValueError for values
+        out of range, JournalError when the flash refuses (errno 28: full)."""
+        if len(values) != self.channels:
+            raise ValueError("journal: %d values expected, got %d" % (self.channels, len(values)))
+        if not 0 <= boot <= 0xFFFF or not 0 <= ms <= 0xFFFFFFFF:
+            raise ValueError("journal: boot %r or ms %r out of range (u16, u32)" % (boot, ms))
+        for v in values:
+            if not -0x80000000 <= v <= 0x7FFFFFFF:
+                raise ValueError("journal: value %r out of the signed 32-bit range" % (v,))
+        pending = self._next - self._pos
+        if pending >= self.capacity:
+            self._drop(pending - self.capacity + 1)
+        if not self._tail_ok:
+            self._fix_tail()
+        i = self._next
+        buf = self._buf
+        struct.pack_into(self._fmt, buf, 0, boot, ms, *values)
+        struct.pack_into("<I", buf, self._rec - 4, self._crc(i, self._body))
+        name = self._small(i - i % self._t)
+        try:
+            with open(name, "ab") as f:
+                f.write(buf)
+        except OSError as e:
+            self._tail_ok = False  # on a non-atomic FS the file may now hold part of a record
+            raise JournalError(
+                "journal: cannot store reading %d in %s: %s; %d stored readings kept"
+                % (i, name, _strerror(e), self._next - self._pos),
+                _errno(e),
+            )
+        self._next = i + 1
+        if self._next % self._t == 0:
+            self._merge()
+
+    def _fix_tail(self):
+        """Make the small file that the next record goes to hold exactly the records before
+        it: cut off a torn record, or pad a missing part with unreadable filler records."""
+        rec = self._rec
+        nxt = self._next
+        base = nxt - nxt % self._t
+        name = self._small(base)
+        want = (nxt - base) * rec
+        try:
+            size = os.stat(name)[6]
+        except OSError as e:
+            if _errno(e) != _ENOENT:
+                raise JournalError("journal: cannot stat %s: %s" % (name, _strerror(e)), _errno(e))
+            size = 0
+        if size != want:
+            self._warn("repairing small file", file=name, bytes=size, expected=want)
+            try:
+                self._rewrite(name, want)
+            except OSError as e:
+                raise JournalError(
+                    "journal: cannot repair %s: %s" % (name, _strerror(e)), _errno(e)
+                )
+        self._tail_ok = True
+
+    def _rewrite(self, name, size):
+        """Rewrite `name` to `size` bytes (whole records): keep what is there, pad with 0xFF."""
+        rec = self._rec
+        buf = self._buf
+        tmp = name + ".tmp"
+        try:
+            src = open(name, "rb")
+        except OSError as e:
+            if _errno(e) != _ENOENT:
+                raise
+            src = None
+        try:
+            with open(tmp, "wb") as out:
+                done = 0
+                while done < size:
+                    n = src.readinto(buf) if src is not None else 0
+                    for k in range(n or 0, rec):
+                        buf[k] = 0xFF
+                    out.write(buf)
+                    done += rec
+        finally:
+            if src is not None:
+                src.close()
+        os.rename(tmp, name)
+
+    # --- merge small files into a segment --------------------------------------------------
+
+    def _merge(self):
+        """While the host does not acknowledge, move each full range of S records from the
+        small files into one segment file: written whole under a .tmp name, then renamed."""
+        s, t, rec = self._s, self._t, self._rec
+        pos, nxt = self._pos, self._next
+        base = max(self._merged, pos - pos % s)
+        if nxt < base + s or nxt - pos < s:
+            return
+        first = max(base, pos)
+        end = base + s
+        name = self._segment(base)
+        tmp = name + ".tmp"
+        buf = self._buf
+        try:
+            with open(tmp, "wb") as out:
+                struct.pack_into(_SEG_FMT, buf, 0, _MAGIC, _VERSION, rec, first)
+                struct.pack_into("<I", buf, 8, binascii.crc32(memoryview(buf)[:8]))
+                out.write(memoryview(buf)[:_SEG_HEADER])
+                i = first
+                while i < end:
+                    sbase = i - i % t
+                    try:
+                        src = open(self._small(sbase), "rb")
+                    except OSError as e:
+                        if _errno(e) != _ENOENT:
+                            raise
+                        src = None
+                    try:
+                        if src is not None:
+                            src.seek((i - sbase) * rec)
+                        while i < sbase + t:
+                            n = src.readinto(buf) if src is not None else 0
+                            for k in range(n or 0, rec):
+                                buf[k] = 0xFF  # a missing record stays missing (bad CRC)
+                            out.write(buf)
+                            i += 1
+                    finally:
+                        if src is not None:
+                            src.close()
+            os.rename(tmp, name)
+        except OSError as e:
+            # Not fatal: the readings are safe in the small files; try again after T more.
+            self._warn("merge failed, will retry", file=name, errno=_errno(e))
+            try:
+                self._remove(tmp)
+            except OSError:
+                pass
+            return
+        self._merged = end
+        self.merges += 1
+        for sbase in range(first - first % t, end, t):
+            try:
+                self._remove(self._small(sbase))
+            except OSError:
+                pass  # removed at next boot
+
+    # --- read and acknowledge --------------------------------------------------------------
+
+    def _walk(self, n, rows, into):
+        """Visit up to n readable records from the oldest unacknowledged one, in order, and
+        put them in rows. Returns (index after the last visited record, readable, unreadable)."""
+        i = self._pos
+        nxt = self._next
+        s, t, rec = self._s, self._t, self._rec
+        buf = self._buf
+        found = 0
+        bad = 0
+        while found < n and i < nxt:
+            if i < self._merged:
+                base = i - i % s
+                name = self._segment(base)
+                end = base + s
+            else:
+                base = i - i % t
+                name = self._small(base)
+                end = base + t
+            if end > nxt:
+                end = nxt
+            try:
+                f = open(name, "rb")
+            except OSError as e:
+                if _errno(e) != _ENOENT:
+                    raise JournalError(
+                        "journal: cannot read %s: %s" % (name, _strerror(e)), _errno(e)
+                    )
+                bad += end - i
+                i = end
+                continue
+            try:
+                if i < self._merged:
+                    f.seek(0, 2)
+                    first = self._first(f, base, f.tell())[0]
+                    if i < first:
+                        bad += min(first, end) - i
+                        i = min(first, end)
+                    offset = _SEG_HEADER + (i - first) * rec
+                else:
+                    offset = (i - base) * rec
+                f.seek(offset)
+                while found < n and i < end:
+                    if f.readinto(buf) != rec:
+                        bad += end - i
+                        i = end
+                        break
+                    if self._valid(i):
+                        if into:
+                            row = rows[found]
+                            v = struct.unpack_from(self._fmt, buf)
+                            for k in range(len(v)):
+                                row[k] = v[k]
+                        elif rows is not None:
+                            v = struct.unpack_from(self._fmt, buf)
+                            rows.append((v[0], v[1], v[2:]))
+                        found += 1
+                    else:
+                        bad += 1
+                    i += 1
+            except OSError as e:
+                raise JournalError("journal: cannot read %s: %s" % (name, _strerror(e)), _errno(e))
+            finally:
+                f.close()
+        return i, found, bad
+
+    def peek(self, n):
+        """Up to n oldest unacknowledged readings as [(boot, ms, values)], oldest first.
+        Unreadable records (bad CRC, missing file) are skipped, so the list can be shorter
+        than len(); ack() counts and logs them when it passes them."""
+        rows = []
+        self._skip_unreadable(self._walk(n, rows, False))
+        return rows
+
+    def peek_into(self, rows):
+        """peek() into preallocated rows: a list of lists of 2 + record_channels items, each
+        filled with boot, ms, values...; returns how many rows were filled."""
+        walked = self._walk(len(rows), rows, True)
+        self._skip_unreadable(walked)
+        return walked[1]
+
+    def _skip_unreadable(self, walked):
+        """If every waiting record is unreadable, forget them now: a node that waits for
+        peek() to return something would otherwise wait for ever."""
+        end, found, bad = walked
+        if found or not bad or end != self._next:
+            return
+        self.corrupt += bad
+        self._error("skipped unreadable readings", n=bad, first=self._pos, last=end - 1)
+        try:
+            self._advance(end, 0)
+        except JournalError as e:
+            self._error("cannot skip them", error=str(e))
+
+    def ack(self, n):
+        """The n oldest readings (as peek returned them) reached the host: forget them.
+        Durable when it returns; raises JournalError if the state cannot be written."""
+        if n <= 0:
+            return
+        old = self._pos
+        end, found, bad = self._walk(n, None, False)
+        if bad:
+            self.corrupt += bad
+            self._error("skipped unreadable readings", n=bad, first=old, last=end - 1)
+        self._advance(end, 0)
+
+    def _drop(self, n):
+        """Make room: forget at least n of the oldest readings, T at a time (one state write
+        per T readings while the journal is full), and count them."""
+        t = self._t
+        pos = self._pos + n
+        pos += (t - pos % t) % t
+        if pos > self._next:
+            pos = self._next
+        k = pos - self._pos
+        # The node logs the drop (it sees `dropped` grow); here only for debugging.
+        if self.log is not None:
+            self.log.debug("journal", "full, dropping oldest", n=k, first=self._pos)
+        self._advance(pos, k)
+
+    def _advance(self, pos, dropped):
+        """Make pos the oldest unacknowledged index (and add to the dropped count), durably,
+        and remove the files below it."""
+        old = self._pos
+        if not dropped and pos % self._t == 0 and pos >= self._merged:
+            # pos starts a small file: removing the files below it, oldest first, is the
+            # record of this ack (at boot the oldest file has the say), so the state is not
+            # written. The usual case with frames of 10 and small files of 5: one commit less.
+            try:
+                self._delete_range(old, pos)
+                self._pos = pos
+                if pos > self._next:
+                    self._next = pos
+                return
+            except OSError:
+                pass  # write the state then
+        try:
+            self._write_state(pos, self.dropped + dropped)
+        except JournalError as e:
+            if e.errno != _ENOSPC:
+                raise
+            # Flash full: free what is below pos first (at worst those readings, which the
+            # host already has or which are being dropped, are later reported missing).
+            self._delete_range(old, pos)
+            self._write_state(pos, self.dropped + dropped)
+        self._pos = pos
+        self.dropped += dropped
+        if pos > self._next:
+            self._next = pos
+        try:
+            self._delete_range(old, pos)
+        except OSError as e:
+            self._warn("cannot remove acknowledged files, next boot will", errno=_errno(e))
+
+    def _delete_range(self, old, pos):
+        """Remove files whose records all lie below pos (those from index old on)."""
+        s, t = self._s, self._t
+        base = old - old % s
+        while base < self._merged and base + s <= pos:
+            self._remove(self._segment(base))
+            base += s
+        base = max(old - old % t, self._merged)
+        while base + t <= pos:
+            self._remove(self._small(base))
+            base += t
+
+    # --- telemetry -----------------------------------------------------------------------
+
+    def stats(self):
+        small = segments = size = 0
+        for name, n in _entries(self.path):
+            size += n
+            kind = _parse(name)[0]
+            if kind == "s":
+                segments += 1
+            elif kind == "r":
+                small += 1
+        return {
+            "pending": self._next - self._pos,
+            "dropped": self.dropped,
+            "corrupt": self.corrupt,
+            "capacity": self.capacity,
+            "segments": segments,
+            "small_files": small,
+            "bytes": size,
+            "first": self._pos,
+            "next": self._next,
+            "merges": self.merges,
+            "cleaned": self.cleaned,
+            "record_bytes": self._rec,
+        }
