@@ -40,6 +40,10 @@ class Board:
         self._addr_cache = {}
         self._virtual_ms = 0
         self._control = None
+        # Fault injection for tests (simulated time, s): a driver that hangs, a crash.
+        faults = sim.get("faults") or {}
+        self._hang_at_ms = faults.get("hang_at_s", -1) * 1000
+        self._crash_at_ms = faults.get("crash_at_s", -1) * 1000
         clock = sim.get("clock")
         if clock:
             # Lockstep with the host simulator: time moves only when it says so.
@@ -47,7 +51,8 @@ class Board:
             self._control_addr = socket.getaddrinfo(host, int(port))[0][-1]
             self._control = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self._control.settimeout(_CONTROL_TIMEOUT_S)
-            self._ask("H %d" % raw.get("node_id", 0))
+            self._rx = b""
+            self._ask(b"H %d" % raw.get("node_id", 0))
             self._i2c = _BridgedI2C(self)
         else:
             self._t0 = time.ticks_ms()
@@ -67,23 +72,29 @@ class Board:
         return self._virtual_ms
 
     def _ask(self, request):
-        """Send a request to the simulator and return its reply's words: W <ms since boot>
-        (time now) or E (the simulated world has ended) for time requests; D <hex> / A / N for
-        bus transactions."""
-        self._control.sendto(request.encode(), self._control_addr)
+        """Send a request to the simulator; its reply is left in self._rx (n bytes returned):
+        W <ms since boot> (time now) or E (the simulated world has ended) for time requests,
+        D <hex> / A / N for bus transactions. Parsed in place: no strings to split."""
+        self._control.sendto(request, self._control_addr)
         try:
-            reply = self._control.recv(300).decode().split()
+            # recv, not readinto: a stream read on a datagram socket waits to fill the buffer
+            rx = self._rx = self._control.recv(128)
         except OSError:
             raise SimulationEnded("sim: no reply from the simulator to %r" % request)
-        if reply[0] == "W":
-            self._virtual_ms = int(reply[1])
-            if request[0] == "C":
-                self._fed_ms = self._virtual_ms  # lightsleep keeps the watchdog fed (hw.py)
+        n = len(rx)
+        if rx[0] == 87:  # "W"
+            ms = 0
+            for i in range(2, n):
+                ms = ms * 10 + rx[i] - 48
+            self._virtual_ms = ms
+            if request[0] == 67:  # "C": lightsleep keeps the watchdog fed (boards/hw.py)
+                self._fed_ms = ms
             self._check_wdt()
-        return reply
+        return n
 
     def _wait(self, request):
-        return self._ask(request)[0] != "E"
+        self._ask(request)
+        return self._rx[0] != 69  # "E"
 
     # --- reset and watchdog ----------------------------------------------------------------
 
@@ -121,8 +132,27 @@ class Board:
         """A short wait inside a task (a sensor's conversion time): time passes, nothing else."""
         if self._control is None:
             time.sleep_ms(ms)
-        else:
-            self._wait("S %d" % ms)
+            return
+        self._wait(b"S %d" % ms)
+        if self._fault("hang", self._hang_at_ms):
+            print("(sim: injected fault: the driver hangs)")
+            while True:  # time passes, nobody feeds the watchdog
+                self._wait(b"S 1000")
+        if self._fault("crash", self._crash_at_ms):
+            raise RuntimeError("sim: injected fault in a driver")
+
+    def _fault(self, name, at_ms):
+        """Is an injected fault due? Each fires once per node (a marker file remembers it)."""
+        if at_ms < 0 or self._virtual_ms < at_ms:
+            return False
+        marker = "sim_fault_" + name
+        try:
+            open(marker).close()
+            return False
+        except OSError:
+            with open(marker, "w") as f:
+                f.write("1")
+            return True
 
     def idle_ms(self, ms):
         """Sleep until the next sample (lightsleep on a real board). Returns False when the
@@ -131,7 +161,7 @@ class Board:
         if self._control is None:
             time.sleep_ms(ms)
             return True
-        return self._wait("C %d" % ms)
+        return self._wait(b"C %d" % ms)
 
     # --- buses and network ---------------------------------------------------------------
 
@@ -157,7 +187,7 @@ class Board:
     def wait_readable(self, sock, timeout_ms):
         if self._control is not None:
             # Let the simulator deliver what the host sent, then look without blocking.
-            self._wait("R %d" % timeout_ms)
+            self._wait(b"R %d" % timeout_ms)
             timeout_ms = 0
         poller = select.poll()
         poller.register(sock, select.POLLIN)
@@ -171,18 +201,25 @@ class _BridgedI2C:
         self._board = board
 
     def _transfer(self, request):
-        reply = self._board._ask(request)
-        if reply[0] == "N":
+        n = self._board._ask(request)
+        if self._board._rx[0] == 78:  # "N"
             raise OSError(19)  # ENODEV: nobody acknowledged the address, as machine.I2C says
-        return reply
-
-    def readfrom_mem(self, addr, reg, n):
-        return bytes.fromhex(self._transfer("IR %d %d %d" % (addr, reg, n))[1])
+        return n
 
     def readfrom_mem_into(self, addr, reg, buf):
-        data = self.readfrom_mem(addr, reg, len(buf))
-        for i in range(len(buf)):
-            buf[i] = data[i]
+        self._transfer(b"IR %d %d %d" % (addr, reg, len(buf)))
+        rx = self._board._rx
+        for i in range(len(buf)):  # "D " then two hex digits a byte
+            buf[i] = (_nibble(rx[2 + 2 * i]) << 4) | _nibble(rx[3 + 2 * i])
+
+    def readfrom_mem(self, addr, reg, n):
+        buf = bytearray(n)
+        self.readfrom_mem_into(addr, reg, buf)
+        return bytes(buf)
 
     def writeto_mem(self, addr, reg, buf):
-        self._transfer("IW %d %d %s" % (addr, reg, bytes(buf).hex()))
+        self._transfer(b"IW %d %d %s" % (addr, reg, bytes(buf).hex()))
+
+
+def _nibble(c):
+    return c - 48 if c < 58 else c - 87  # "0".."9", "a".."f"

@@ -25,10 +25,9 @@ def run():
     boot = None
     _drop(firmware, ("boot", "config"))
 
-    from firmware.clock import Clock
+    # The journal opens before the node's code is loaded: its boot-time code (journal_boot)
+    # and the node's code are never on the heap together.
     from firmware.journal import Journal
-    from firmware.links import UdpLink
-    from firmware.node import Node
     from firmware.seq import Sequence
 
     try:
@@ -39,9 +38,15 @@ def run():
         while board.idle_ms(_RETRY_MS):
             log.error("node", "not sending: flash state unusable", error=str(e))
         return
+    _drop(firmware, ("journal_boot",))
+
+    from firmware.clock import Clock
+    from firmware.links import UdpLink
+    from firmware.node import Node
+
     link = UdpLink(board, cfg.uplink, log)
     node = Node(cfg, board, log, sequence, journal, link, Clock(boot_no), (boot_no, cause))
-    _drop(firmware, ("journal_boot",))
+    gc.collect()
     wdt = board.wdt(cfg.wdt_ms)
     try:
         node.run(wdt)

@@ -31,6 +31,7 @@ class Node:
         self.clock = clock
         self.boot = boot  # (boot count, reset cause)
         self.signer = frame.Signer(cfg.key)
+        self._frame_buf = bytearray(frame.MAX_FRAME)  # allocated once: the heap fragments
         self.sensor = None
         self.cycles = 0
         self.awake_ms_total = 0
@@ -146,7 +147,13 @@ class Node:
     def _send_data(self, readings, ages):
         seq = self.seq.take()
         data = frame.encode_data(
-            self.signer, self.cfg.node_id, seq, frame.BME280_CHANNELS, readings, ages
+            self.signer,
+            self.cfg.node_id,
+            seq,
+            frame.BME280_CHANNELS,
+            readings,
+            ages,
+            self._frame_buf,
         )
         return self._transmit(data, seq, "frame", len(readings))
 
@@ -235,6 +242,7 @@ class Node:
         while True:
             if wdt is not None:
                 wdt.feed()
+            gc.collect()  # while the heap is quiet: keeps it from fragmenting between cycles
             start = self.board.ticks_ms()
             self.sample()
             self.send_pending()

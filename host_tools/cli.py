@@ -19,6 +19,8 @@ COMMANDS = {
     "receive": ("receive", "receive frames, verify, store durably, acknowledge"),
     "keys": ("keys", "manage node keys: add, list, rotate, revoke, export"),
     "monitor": ("monitor", "show a node's serial log: colours, filters, decoded frames"),
+    "sim-board": ("sim_board", "run a simulated board on a pseudo-terminal (port printed first)"),
+    "flash": ("flash", "provision boards over USB: firmware, packages, config, key; confirm boot"),
 }
 
 

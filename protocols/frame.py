@@ -279,11 +279,12 @@ def _gcd(a, b):
     return a
 
 
-def encode_data(signer, node_id, seq, channels, readings, ages):
+def encode_data(signer, node_id, seq, channels, readings, ages, buf=None):
     """Encode readings (oldest first; one tuple of raw ints per reading, one int per channel)
     with their ages (whole seconds before sending, oldest first, non-increasing) into a
     signed DATA frame. Raises ValueError on bad arguments, FrameError("too_long") if the
-    batch does not fit in MAX_FRAME bytes."""
+    batch does not fit in MAX_FRAME bytes. buf: a bytearray of MAX_FRAME bytes to build the
+    frame in (a node allocates it once)."""
     _check_u32(node_id, "node_id")
     _check_u32(seq, "seq")
     n = len(readings)
@@ -309,7 +310,8 @@ def encode_data(signer, node_id, seq, channels, readings, ages):
             if not isinstance(v, int) or v < _I32_MIN or v > _I32_MAX:
                 raise ValueError("raw value %r is not a 32-bit signed integer" % (v,))
 
-    buf = bytearray(MAX_FRAME)
+    if buf is None:
+        buf = bytearray(MAX_FRAME)
     w = _BitWriter(buf, _header(buf, TYPE_DATA, node_id, seq), MAX_FRAME - TAG_LEN)
     w.ue(n - 1)
     if tuple(channels) == BME280_CHANNELS:

@@ -17,15 +17,16 @@ def add_arguments(p):
     )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (0)")
     p.add_argument(
-        "--heap", help="each node's MicroPython heap (default 72K, see host_tools/fleet.py)"
+        "--heap", help="each node's MicroPython heap (default 80K, see host_tools/fleet.py)"
     )
     p.add_argument("--workdir", metavar="DIR", help="keep node filesystems and console logs here")
 
 
 def run(args):
     from host_tools import demo
+    from host_tools.fleet import FleetError
 
     try:
         return demo.main(args)
-    except demo.DemoError as e:
+    except (demo.DemoError, FleetError) as e:
         raise CliError(str(e)) from None

@@ -1,0 +1,222 @@
+# `citynode flash PORT... --board NAME --node-id N`: provision boards over USB with mpremote
+# (host_tools/flash.py): several ports get consecutive node ids, one board after another.
+#
+# Exit status: 0 every board flashed and booted; 2 refused before any board was changed (bad
+# option, wrong board name, no such port, port busy, node id in use, key file unreadable); 1 a
+# board failed part-way (it is marked half-flashed: re-running the same command finishes it).
+
+import os
+import sys
+
+import serial
+
+from host_tools import flash
+from host_tools.commands import CliError
+from host_tools.keys import KeyFileError, load_keys
+
+HELP = "provision boards over USB: firmware, packages, config, key; confirm the boot"
+WIFI_PASSWORD_ENV = "CITYNODE_WIFI_PASSWORD"
+
+
+def add_arguments(p):
+    p.add_argument("ports", nargs="+", metavar="PORT", help="serial port(s), e.g. /dev/ttyUSB0")
+    p.add_argument("--board", required=True, metavar="NAME", help="board module in boards/")
+    p.add_argument(
+        "--node-id",
+        required=True,
+        type=int,
+        metavar="N",
+        help="node id of the first board; further ports get N+1, N+2, ...",
+    )
+    p.add_argument(
+        "--uplink", required=True, metavar="HOST:PORT", help="where the node sends its frames"
+    )
+    p.add_argument(
+        "--keys",
+        default="keys.json",
+        metavar="FILE",
+        help="key registry, created if missing (default ./keys.json)",
+    )
+    p.add_argument(
+        "--interval", type=int, default=60, metavar="S", help="seconds per sample (default 60)"
+    )
+    p.add_argument(
+        "--batch", type=int, default=10, metavar="N", help="readings per frame (default 10)"
+    )
+    p.add_argument("--wifi-ssid", metavar="SSID", help="Wi-Fi network (boards with Wi-Fi)")
+    p.add_argument(
+        "--wifi-password",
+        metavar="PASSWORD",
+        help="Wi-Fi password (or set $%s, which stays out of the shell history)"
+        % WIFI_PASSWORD_ENV,
+    )
+    p.add_argument(
+        "--reflash",
+        action="store_true",
+        help="allow a node id that is already in the key registry (moves it to this board)",
+    )
+    p.add_argument(
+        "--mip-index",
+        metavar="URL",
+        help="micropython-lib package index for the board's packages (default: mpremote's)",
+    )
+    p.add_argument(
+        "--package",
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="a micropython-lib package to install besides the board's MIP_PACKAGES (repeatable)",
+    )
+    p.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=flash.BOOT_TIMEOUT_S,
+        metavar="S",
+        help="seconds to wait for the node's boot line (default %.0f)" % flash.BOOT_TIMEOUT_S,
+    )
+
+
+def _check_options(args):
+    if not 0 <= args.node_id <= flash.MAX_NODE_ID - (len(args.ports) - 1):
+        raise CliError("--node-id: must be 0..%d, got %d" % (flash.MAX_NODE_ID, args.node_id))
+    if not 1 <= args.interval <= 86400:
+        raise CliError("--interval: must be 1..86400 seconds, got %d" % args.interval)
+    if not 1 <= args.batch <= 64:
+        raise CliError("--batch: must be 1..64 readings, got %d" % args.batch)
+    if not args.boot_timeout > 0:
+        raise CliError("--boot-timeout: must be more than 0 seconds")
+    host, sep, port = args.uplink.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError("--uplink: expected HOST:PORT (port 1..65535), got %r" % args.uplink)
+    if len(set(args.ports)) != len(args.ports):
+        raise CliError("a port is given twice")
+
+
+def _wifi(args, board):
+    password = args.wifi_password
+    if password is None:
+        password = os.environ.get(WIFI_PASSWORD_ENV)
+    if args.wifi_ssid is None:
+        if password is not None and args.wifi_password is not None:
+            raise CliError("--wifi-password without --wifi-ssid")
+        if board.wifi_required:
+            raise CliError(
+                "board %s sends over Wi-Fi: give --wifi-ssid and --wifi-password" % board.name
+            )
+        return None
+    if not board.wifi:
+        raise CliError("board %s has no Wi-Fi: leave out --wifi-ssid" % board.name)
+    if not 0 < len(args.wifi_ssid.encode()) <= 32:
+        raise CliError("--wifi-ssid: must be 1..32 bytes")
+    password = password or ""
+    if password and not 8 <= len(password) <= 63:
+        raise CliError("--wifi-password: WPA2 needs 8..63 characters (or none for an open net)")
+    return {"ssid": args.wifi_ssid, "password": password}
+
+
+def _check_port(port):
+    """Refuse a port that is missing or held by another program, before touching any board."""
+    if "://" not in port and not os.path.exists(port):
+        raise CliError("%s: no such port (is the board plugged in?)" % port)
+    try:
+        ser = flash.open_serial(port)
+    except (serial.SerialException, OSError) as e:
+        text = str(e)
+        if "exclusively lock" in text or "Resource temporarily unavailable" in text:
+            raise CliError(
+                "%s: port is busy (close mpremote, screen, Thonny or the other program "
+                "that has it open)" % port
+            ) from None
+        if "No such file" in text or "could not open port" in text:
+            raise CliError("%s: no such port (is the board plugged in?)" % port) from None
+        raise CliError("%s: cannot open: %s" % (port, text)) from None
+    ser.close()
+
+
+def _check_keys_writable(path):
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CliError("--keys %s: directory %s does not exist" % (path, directory))
+    if not os.access(directory, os.W_OK) or (
+        os.path.exists(path) and not os.access(path, os.W_OK)
+    ):
+        raise CliError("--keys %s: not writable: the new keys could not be saved" % path)
+
+
+def run(args):
+    _check_options(args)
+    try:
+        board = flash.board_def(args.board)
+    except flash.FlashError as e:
+        raise CliError("%s (%s)" % (e, e.hint) if e.hint else str(e)) from None
+    wifi = _wifi(args, board)
+    for port in args.ports:
+        _check_port(port)
+    _check_keys_writable(args.keys)
+    try:
+        if os.path.exists(args.keys):
+            load_keys(args.keys)
+    except KeyFileError as e:
+        raise CliError(str(e)) from None
+
+    total = len(args.ports)
+    progress = flash.progress_printer(total)
+    flasher = flash.Flasher(
+        board,
+        args.keys,
+        args.uplink,
+        args.interval,
+        args.batch,
+        wifi=wifi,
+        reflash=args.reflash,
+        mip_index=args.mip_index,
+        extra_packages=args.package,
+        boot_timeout=args.boot_timeout,
+        progress=progress,
+    )
+    try:
+        flasher.build()
+    except flash.FlashError as e:
+        raise CliError(str(e)) from None
+    plans, refusals, sessions = flasher.plan(args.ports, args.node_id)
+    if refusals:
+        for e in refusals:
+            _report(e)
+        if plans:
+            print(
+                "citynode: no board was changed (%d of %d refused)" % (len(refusals), total),
+                file=sys.stderr,
+            )
+        return 2
+
+    failed = 0
+    for plan in plans:
+        try:
+            seconds, line = flasher.flash(plan, sessions[plan.port])
+        except flash.FlashError as e:
+            progress(plan.index, "%s node %d: FAILED" % (plan.port, plan.node_id), final=True)
+            _report(e)
+            failed += 1
+            continue
+        progress(
+            plan.index,
+            "%s node %d: done in %.1f s" % (plan.port, plan.node_id, seconds),
+            final=True,
+        )
+        print("%s: node %d flashed and booted: %s" % (plan.port, plan.node_id, line), flush=True)
+    if failed:
+        print(
+            "citynode: %d of %d board(s) failed; the others are flashed" % (failed, total)
+            if failed < total
+            else "citynode: flashing failed",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _report(e):
+    print("citynode: %s" % e, file=sys.stderr)
+    if e.hint:
+        print("citynode:   %s" % e.hint, file=sys.stderr)
+    sys.stderr.flush()

@@ -1,0 +1,59 @@
+# `citynode sim-board`: a simulated board on a pseudo-terminal (host_tools/simboard.py) that
+# mpremote and `citynode flash` talk to like a USB board; prints the port's path first.
+
+from host_tools import simboard
+from host_tools.commands import CliError
+
+HELP = "run a simulated board on a pseudo-terminal (prints its port first)"
+
+
+def add_arguments(p):
+    p.add_argument(
+        "--image",
+        default="sim-board.img",
+        metavar="PATH",
+        help="the board's flash: a littlefs image file, created (%d KiB) if missing, kept "
+        "across resets and runs (default ./sim-board.img)" % (simboard.IMAGE_SIZE // 1024),
+    )
+    p.add_argument(
+        "--heap",
+        default=simboard.DEFAULT_HEAP,
+        metavar="SIZE",
+        help="free heap when main.py starts, as -X heapsize= takes it (default %s, the fleet "
+        "simulator's node heap); the simulation's own ~%d KB come on top"
+        % (simboard.DEFAULT_HEAP, simboard.SIM_OVERHEAD // 1024),
+    )
+
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="append every byte that crosses the serial line, both ways, to FILE (debugging)",
+    )
+
+
+def _check_heap(text):
+    try:
+        size = simboard.parse_size(text)
+    except ValueError as e:
+        raise CliError("--heap: %s" % e) from None
+    if size < 16 * 1024:
+        raise CliError("--heap: %s is too small to boot MicroPython (at least 16K)" % text)
+
+
+def run(args):
+    _check_heap(args.heap)
+    trace = None
+    if args.trace:
+        try:
+            trace = open(args.trace, "ab")
+        except OSError as e:
+            raise CliError("--trace %s: %s" % (args.trace, e.strerror)) from None
+    board = simboard.SimBoard(args.image, heap=args.heap, trace=trace)
+    try:
+        simboard.run_until_signal(board)
+    except simboard.SimBoardError as e:
+        raise CliError(str(e)) from None
+    finally:
+        if trace is not None:
+            trace.close()
+    return 0

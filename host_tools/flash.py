@@ -1,0 +1,816 @@
+# Provisioning boards over USB (`citynode flash`): the .mpy firmware, the board's micropython-lib
+# packages, config.json with the node's key; then a reset and the node's boot line as proof.
+#
+# Everything on the board is done by the real mpremote program, one subprocess per step; the first
+# one soft-resets the board (stopping the firmware that runs), the others `resume`. Steps:
+#   inspect   read /.provisioning, /config.json, sys.platform: wrong board, half-flashed, same node
+#   prepare   write /.provisioning ("node=N step=..."), remove /main.py and the old /lib packages,
+#             then reset: a watchdog the old firmware started cannot be stopped any other way
+#   copy      the build (host_tools/build.py, the board's ARCH) into /lib
+#   packages  `mpremote mip install` of the board's MIP_PACKAGES: the HOST fetches them from
+#             micropython-lib's index (or --mip-index), so it needs Internet; the board does not
+#   key       the node's key into the key registry (atomic, under a lock file)
+#   config    /main.py and /config.json
+#   verify    the board hashes every file written (sha256) against the build; only if all match is
+#             /.provisioning removed
+#   boot      over pyserial: raw REPL, machine.reset(), then the node's log until
+#             `I ... node started ... fw=X ... node=N`
+# A board that still has /.provisioning is half-flashed: `citynode flash` says so and finishes it.
+#
+# Key order: the key reaches the registry before config.json reaches the board. A run cut short
+# between the two leaves a registry entry for a half-flashed board, which the next run (it finds
+# /.provisioning naming the node) completes with the same key. The other order could leave a board
+# sending frames under a key the host never stored: every frame rejected, readings lost.
+
+import ast
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import serial
+
+from host_tools import build
+from host_tools.keys import KEY_BYTES, KeyFileError, load_keys, save_keys
+
+MARKER = "/.provisioning"
+LIB = "/lib"
+MAIN_PY = "from firmware import main\nmain.run()\n"
+PACKAGES = build.PACKAGES  # what goes into /lib
+BOOT_TIMEOUT_S = 30.0
+RAW_REPL = b"raw REPL; CTRL-B to exit\r\n>"
+# sys.platform of the MicroPython port each mpy-cross architecture runs on
+PLATFORMS = {None: "linux", "xtensawin": "esp32", "armv6m": "rp2"}
+MAX_NODE_ID = 0xFFFFFFFF
+_STEP_TIMEOUT_S = 120.0
+
+_LOG_LINE = re.compile(r"([DIWE]) (\d+\.\d+) (\w+) (.*)$")
+_FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
+_EXCEPTION = re.compile(r"^(\w+(Error|Exception|Interrupt|Exit))\b.*")
+
+
+class FlashError(Exception):
+    """A board could not be flashed. str() = what failed; .hint = how to recover."""
+
+    def __init__(self, message, hint=None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class Refused(FlashError):
+    """Bad input found before the board was changed (wrong board, node id in use)."""
+
+
+# --- boards and firmware ---------------------------------------------------------------------
+
+
+@dataclass
+class BoardDef:
+    name: str
+    arch: str = None  # mpy-cross -march; None = bytecode only (the simulated board)
+    mip_packages: tuple = ()
+    wifi: bool = False
+    wifi_required: bool = False
+
+    @property
+    def platform(self):
+        return PLATFORMS.get(self.arch)
+
+
+def board_names(root=build.ROOT):
+    """Board modules in boards/: every <name>.py except __init__ and the sim_* helpers, and
+    modules without a `class Board` (helpers such as hw.py)."""
+    names = []
+    for path in sorted((Path(root) / "boards").glob("*.py")):
+        name = path.stem
+        if name.startswith(("_", "sim_")):
+            continue
+        if _board_class(path) is not None:
+            names.append(name)
+    return names
+
+
+def _board_class(path):
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Board":
+            return node
+    return None
+
+
+def board_def(name, root=build.ROOT):
+    """The board's ARCH, MIP_PACKAGES and Wi-Fi flags, read from boards/<name>.py without
+    importing it (it imports `machine`). Raises Refused for an unknown name."""
+    names = board_names(root)
+    if name not in names:
+        raise Refused(
+            "unknown board %r; known boards: %s" % (name, ", ".join(names) or "(none)"),
+            "pick one of them with --board",
+        )
+    attrs = {}
+    for node in _board_class(Path(root) / "boards" / (name + ".py")).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name):
+                try:
+                    attrs[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
+    arch = attrs.get("ARCH")
+    if arch not in PLATFORMS:
+        raise Refused("board %s: ARCH %r is not one of %s" % (name, arch, sorted(build.ARCHES)))
+    return BoardDef(
+        name=name,
+        arch=arch,
+        mip_packages=tuple(attrs.get("MIP_PACKAGES", ())),
+        wifi=bool(attrs.get("WIFI", False)),
+        wifi_required=bool(attrs.get("WIFI_REQUIRED", False)),
+    )
+
+
+def firmware_version(root=build.ROOT):
+    """FW_VERSION from firmware/node.py (read, not imported: it is MicroPython code)."""
+    path = Path(root) / "firmware" / "node.py"
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "FW_VERSION":
+            return ast.literal_eval(node.value)
+    raise FlashError("%s has no FW_VERSION" % path)
+
+
+def firmware_files(build_dir, board):
+    """(local path, remote path) of everything copied into /lib: the build, less the simulated
+    board's helpers on a real board and the host's sim_boot script everywhere."""
+    files = []
+    for path in sorted(Path(build_dir).rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(build_dir).as_posix()
+        if rel.split("/")[0] not in PACKAGES or rel == "boards/sim_boot.mpy":
+            continue
+        if board.name != "sim" and rel.startswith("boards/sim"):
+            continue
+        files.append((path, "%s/%s" % (LIB, rel)))
+    return files
+
+
+def node_config(node_id, key, board, uplink, interval_s, batch, wifi=None):
+    """config.json's contents (firmware/config.py, README "Provisioning a board")."""
+    cfg = {
+        "node_id": node_id,
+        "key": key.hex(),
+        "board": board.name,
+        "uplink": uplink,
+        "interval_s": interval_s,
+        "batch": batch,
+    }
+    if wifi:
+        cfg["wifi"] = dict(wifi)
+    return json.dumps(cfg, sort_keys=True) + "\n"
+
+
+# --- the key registry ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def registry(path):
+    """The key registry, read under an exclusive lock on KEYS.lock (the lock `citynode keys`
+    takes too), so that two runs cannot hand out one id twice. Yields (keys, save function)."""
+    path = Path(path)
+    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)  # as keys.locked() does
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        keys = load_keys(path) if path.exists() else {}
+        yield keys, lambda: save_keys(path, keys)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --- mpremote --------------------------------------------------------------------------------
+
+
+class Mpremote:
+    """Runs the mpremote program against one port. The first call soft-resets the board (mpremote's
+    default: the running firmware stops); later calls `resume`, so steps do not reset it."""
+
+    def __init__(self, port, program=None):
+        self.port = port
+        self.program = program or build.tool("mpremote")
+        self.resume = False
+
+    def __call__(self, args, step, on_line=None, timeout=_STEP_TIMEOUT_S):
+        cmd = [self.program, "connect", self.port] + (["resume"] if self.resume else []) + args
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
+        )
+        # Both pipes on threads: a board that stops answering leaves mpremote blocked in a read
+        # (it has no timeout on a pty), and only the deadline here ends that.
+        lines, err = queue.Queue(), []
+        pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, lines.put, True), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, err.append), daemon=True),
+        ]
+        for t in pumps:
+            t.start()
+        out = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() < deadline:
+                    continue
+                proc.kill()
+                proc.wait()
+                raise self._failed(
+                    step, "no answer from the board in %.0f s (mpremote stopped)" % timeout
+                ) from None
+            if line is None:
+                break
+            out.append(line)
+            if on_line:
+                on_line(line.rstrip("\n"))
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for t in pumps:
+            t.join(5)
+        if proc.returncode != 0:
+            lines = [x.strip() for x in err if x.strip()] or [x.strip() for x in out if x.strip()]
+            raise self._failed(step, lines[-1] if lines else "exit status %d" % proc.returncode)
+        self.resume = True
+        return "".join(out)
+
+    def exec(self, code, step, **kw):
+        return self(["exec", code], step, **kw)
+
+    def _failed(self, step, detail):
+        if _is_device(self.port) and not os.path.exists(self.port):
+            return FlashError(
+                "%s: the port disappeared while %s (board unplugged or crashed?)"
+                % (self.port, step)
+            )
+        return FlashError("%s: %s failed: %s" % (self.port, step, detail))
+
+
+def _pump(stream, sink, eof=False):
+    """Feed a pipe's lines to sink; then sink(None) if eof."""
+    with stream:
+        for line in stream:
+            sink(line)
+    if eof:
+        sink(None)
+
+
+def _is_device(port):
+    return "://" not in port
+
+
+# --- what runs on the board ------------------------------------------------------------------
+
+_INSPECT = """
+import sys
+def _cn_read(p):
+    try:
+        with open(p) as f:
+            return f.read()
+    except OSError:
+        return None
+print('CITYNODE-STATE', repr((sys.platform, _cn_read('%s'), _cn_read('/config.json'))))
+""" % (MARKER,)
+
+_RM_TREE = """
+import os
+def _cn_rm(p):
+    try:
+        m = os.stat(p)[0]
+    except OSError:
+        return
+    if m & 0x4000:
+        for n in os.listdir(p):
+            _cn_rm(p + '/' + n)
+        os.rmdir(p)
+    else:
+        os.remove(p)
+def _cn_mkdir(p):
+    try:
+        os.mkdir(p)
+    except OSError:
+        pass
+"""
+
+
+def _mark(node_id, step):
+    return "with open(%r, 'w') as _f:\n    _f.write('node=%d step=%s\\n')\n" % (
+        MARKER,
+        node_id,
+        step,
+    )
+
+
+def _prepare_script(node_id, dirs):
+    """Mark the board, remove the old firmware (never seq.dat or the journal: a node's sequence
+    numbers must not restart), create the directories the new one goes into."""
+    old = ["/main.py"] + ["%s/%s" % (LIB, p) for p in PACKAGES]
+    return (
+        _RM_TREE
+        + _mark(node_id, "prepare")
+        + "for _p in %r:\n    _cn_rm(_p)\n" % (old,)
+        + "for _p in %r:\n    _cn_mkdir(_p)\n" % (sorted(set(dirs) | {LIB}),)
+    )
+
+
+def _verify_script(expected):
+    """Hash every file on the board; remove the marker only if all match. Prints the paths that
+    do not match (missing or different)."""
+    return """
+import hashlib, os, binascii
+_cn_bad = []
+for _p, _h in %r:
+    try:
+        _s = hashlib.sha256()
+        with open(_p, 'rb') as _f:
+            while True:
+                _b = _f.read(512)
+                if not _b:
+                    break
+                _s.update(_b)
+        if binascii.hexlify(_s.digest()).decode() != _h:
+            _cn_bad.append(_p)
+    except OSError:
+        _cn_bad.append(_p)
+if not _cn_bad:
+    os.remove(%r)
+print('CITYNODE-VERIFY', repr(_cn_bad))
+""" % (sorted(expected.items()), MARKER)
+
+
+def _tagged(output, tag):
+    for line in output.splitlines():
+        if line.startswith(tag + " "):
+            return ast.literal_eval(line[len(tag) + 1 :])
+    raise FlashError("no %s line in mpremote's output: %r" % (tag, output[-200:]))
+
+
+# --- one board -------------------------------------------------------------------------------
+
+
+@dataclass
+class BoardState:
+    platform: str
+    marker: dict = None  # {"node": int, "step": str} when half-flashed
+    config: dict = None  # the board's config.json, when it is valid JSON
+    config_text: str = None
+
+    @property
+    def node_id(self):
+        node_id = (self.config or {}).get("node_id")
+        return node_id if isinstance(node_id, int) else None
+
+    @property
+    def key(self):
+        try:
+            return bytes.fromhex((self.config or {}).get("key", ""))
+        except (TypeError, ValueError):
+            return None
+
+
+def parse_marker(text):
+    if text is None:
+        return None
+    fields = dict(re.findall(r"(\w+)=(\S+)", text))
+    node = fields.get("node", "")
+    return {"node": int(node) if node.isdigit() else None, "step": fields.get("step", "?")}
+
+
+def inspect(mp):
+    platform, marker, config_text = _tagged(mp.exec(_INSPECT, "inspecting"), "CITYNODE-STATE")
+    config = None
+    if config_text is not None:
+        try:
+            config = json.loads(config_text)
+        except ValueError:
+            config = None
+        if not isinstance(config, dict):
+            config = None
+    return BoardState(platform, parse_marker(marker), config, config_text)
+
+
+@dataclass
+class Plan:
+    """What will happen to one board, decided before any board is changed."""
+
+    index: int  # among the boards of this run, from 0
+    port: str
+    node_id: int
+    state: BoardState
+    key: bytes = None  # the registry's key to reuse; None = a new one
+    registered: bytes = None  # the registry's key for node_id when the plan was made
+    notes: list = field(default_factory=list)
+
+
+def admit(index, port, node_id, state, board, keys, keys_path, reflash):
+    """Decide whether this board may become node_id. Raises Refused with the reason."""
+    if state.platform != board.platform:
+        raise Refused(
+            "%s: the board runs MicroPython for %s, but board %s needs %s"
+            % (port, state.platform, board.name, board.platform),
+            "check --board (wrong board name?) or the port",
+        )
+    plan = Plan(index, port, node_id, state, registered=keys.get(node_id))
+    marker = state.marker
+    if marker is not None:
+        plan.notes.append(
+            "half-flashed (node %s, stopped at step %s): flashing it again"
+            % (marker["node"], marker["step"])
+        )
+    if state.node_id is not None and state.node_id != node_id and marker is None:
+        plan.notes.append(
+            "was node %d; its key stays in %s until you revoke it" % (state.node_id, keys_path)
+        )
+    if node_id not in keys:
+        return plan
+    claims = state.node_id == node_id
+    same_board = claims and state.key == keys[node_id]
+    resumed = marker is not None and marker["node"] == node_id
+    if same_board or resumed:
+        plan.key = keys[node_id]  # this board has (or was being given) that very key
+        if same_board and marker is None:
+            plan.notes.append("already node %d (same key): updating it" % node_id)
+        return plan
+    if claims and reflash:
+        plan.key = keys[node_id]  # e.g. after `citynode keys rotate`: deliver the current key
+        plan.notes.append("node %d gets the registry's current key (--reflash)" % node_id)
+        return plan
+    if reflash:
+        plan.notes.append("node %d moves to this board with a new key (--reflash)" % node_id)
+        return plan
+    if claims:
+        raise Refused(
+            "%s: the board is node %d but holds another key than %s has for it"
+            % (port, node_id, keys_path),
+            "if the key was rotated, --reflash installs the registry's current key",
+        )
+    free = _next_free(keys, node_id)
+    raise Refused(
+        "%s: node id %d is already in use (in %s)" % (port, node_id, keys_path),
+        "pick a free id (the next is %d), or give node %d to this board with --reflash"
+        % (free, node_id),
+    )
+
+
+def _next_free(keys, start):
+    n = start
+    while n in keys:
+        n += 1
+    return n
+
+
+class Flasher:
+    """Flashes boards one after another; progress(index, text) shows what is happening."""
+
+    def __init__(self, board, keys_path, uplink, interval_s, batch, wifi=None, reflash=False,
+                 mip_index=None, extra_packages=(), boot_timeout=BOOT_TIMEOUT_S,
+                 progress=None, root=build.ROOT, mpremote=None):  # fmt: skip
+        self.board = board
+        self.keys_path = Path(keys_path)
+        self.uplink = uplink
+        self.interval_s = interval_s
+        self.batch = batch
+        self.wifi = wifi
+        self.reflash = reflash
+        self.mip_index = mip_index
+        self.packages = tuple(board.mip_packages) + tuple(extra_packages)
+        self.boot_timeout = boot_timeout
+        self.progress = progress or (lambda index, text: None)
+        self.root = Path(root)
+        self.mpremote = mpremote
+        self.fw_version = firmware_version(self.root)
+        self.build_dir = self.root / "build" / (board.arch or "unix")
+        self.files = None  # [(local .mpy, remote path)] once built
+
+    # -- admission: every board inspected and every id checked before any board is changed --
+
+    def build(self):
+        """Compile the firmware for the board's architecture (before any board is touched)."""
+        self.progress(0, "building firmware (%s)" % (self.board.arch or "bytecode"))
+        try:
+            build.build(self.build_dir, arch=self.board.arch, root=self.root)
+        except build.BuildError as e:
+            raise Refused("build failed: %s" % e) from None
+        self.files = firmware_files(self.build_dir, self.board)
+
+    def plan(self, ports, first_id):
+        plans, refusals, sessions, inspected = [], [], {}, []
+        with registry(self.keys_path) as (keys, _save):
+            keys = dict(keys)  # checked again under the lock when the key is saved (_key)
+        for i, port in enumerate(ports):
+            node_id = first_id + i
+            self.progress(i, "%s node %d: inspecting" % (port, node_id))
+            mp = Mpremote(port, self.mpremote)
+            sessions[port] = mp
+            try:
+                state = inspect(mp)
+            except FlashError as e:
+                if e.hint is None:
+                    e.hint = "is MicroPython on the board, and no other program using the port?"
+                refusals.append(e)
+                continue
+            inspected.append(port)
+            try:
+                plans.append(
+                    admit(i, port, node_id, state, self.board, keys, self.keys_path, self.reflash)
+                )
+            except FlashError as e:
+                refusals.append(e)
+        if refusals:
+            for port in inspected:  # inspecting stopped their firmware: start it again
+                with contextlib.suppress(FlashError):
+                    sessions[port](["reset"], "resetting")
+        return plans, refusals, sessions
+
+    # -- flashing one board -----------------------------------------------------------------
+
+    def flash(self, plan, mp):
+        started = time.monotonic()
+        node_id, port = plan.node_id, plan.port
+
+        def say(text):
+            self.progress(plan.index, "%s node %d: %s" % (port, node_id, text))
+
+        for note in plan.notes:
+            say(note)
+        files = self.files
+        hint = (
+            "re-run the same command: the board is marked half-flashed (%s) and will be "
+            "finished" % MARKER
+        )
+        try:
+            say("preparing (marking the board half-flashed)")
+            dirs = [remote.rsplit("/", 1)[0] for _, remote in files]
+            mp.exec(_prepare_script(node_id, dirs), "preparing")
+            # A watchdog the old firmware started cannot be stopped (machine.WDT): it would
+            # reset the board in the middle of the copy. A reset without /main.py ends it.
+            say("restarting the board without its old firmware")
+            mp(["exec", "--no-follow", "import machine\nmachine.reset()"], "restarting")
+            self._wait_for_board(mp, "restarting")
+            self._copy(mp, node_id, files, say)
+            for package in self.packages:
+                say("installing package %s" % package)
+                args = ["exec", _mark(node_id, "packages"), "+", "mip", "install"]
+                args += ["--target", LIB] + (["--index", self.mip_index] if self.mip_index else [])
+                mp(args + [package], "installing package %s" % package, timeout=300)
+            key = self._key(plan, say)
+            say("writing config.json and main.py")
+            config = node_config(
+                node_id, key, self.board, self.uplink, self.interval_s, self.batch, self.wifi
+            )
+            with tempfile.TemporaryDirectory(prefix="citynode-flash-") as tmp:
+                cfg_path, main_path = Path(tmp) / "config.json", Path(tmp) / "main.py"
+                cfg_path.write_text(config)
+                main_path.write_text(MAIN_PY)
+                args = ["exec", _mark(node_id, "config"), "+", "fs", "cp", "-f"]
+                args += [str(main_path), ":/main.py", "+", "fs", "cp", "-f", str(cfg_path)]
+                mp(args + [":/config.json"], "writing config.json")
+            say("verifying %d files" % (len(files) + 2))
+            expected = {remote: _sha256(local.read_bytes()) for local, remote in files}
+            expected["/main.py"] = _sha256(MAIN_PY.encode())
+            expected["/config.json"] = _sha256(config.encode())
+            bad = _tagged(mp.exec(_verify_script(expected), "verifying"), "CITYNODE-VERIFY")
+            if bad:
+                raise FlashError(
+                    "%s: %d file(s) on the board differ from what was written: %s"
+                    % (port, len(bad), ", ".join(bad[:5]))
+                )
+        except FlashError as e:
+            if e.hint is None:
+                e.hint = hint
+            raise
+        say("resetting; waiting for the node's boot line")
+        line = confirm_boot(port, node_id, self.fw_version, self.boot_timeout)
+        return time.monotonic() - started, line
+
+    def _wait_for_board(self, mp, step, timeout=20.0):
+        """Until the board answers again after a reset (a native USB port drops off the bus
+        meanwhile, a UART bridge's stays but the chip does not listen while it boots)."""
+        deadline = time.monotonic() + timeout
+        time.sleep(0.3)
+        while True:
+            try:
+                if not _is_device(mp.port) or os.path.exists(mp.port):
+                    mp.exec("print('up')", step, timeout=5)
+                    return
+            except FlashError:
+                pass
+            if time.monotonic() > deadline:
+                raise FlashError(
+                    "%s: the board did not come back within %.0f s after a reset"
+                    % (mp.port, timeout)
+                )
+            time.sleep(0.3)
+
+    def _copy(self, mp, node_id, files, say):
+        total = len(files)
+        say("copying firmware (0/%d files)" % total)
+        args = ["exec", _mark(node_id, "copy")]
+        by_dir = {}
+        for local, remote in files:
+            by_dir.setdefault(remote.rsplit("/", 1)[0], []).append(str(local))
+        for directory, locals_ in sorted(by_dir.items()):
+            args += ["+", "fs", "cp", "-f"] + locals_ + [":%s/" % directory]
+        done = [0]
+
+        def on_line(line):
+            if line.startswith("cp "):
+                done[0] += 1
+                say("copying firmware (%d/%d files)" % (done[0], total))
+
+        mp(args, "copying firmware", on_line=on_line, timeout=max(_STEP_TIMEOUT_S, 5 * total))
+
+    def _key(self, plan, say):
+        """The node's key, in the registry before the board gets it (see the header)."""
+        try:
+            return self._save_key(plan, say)
+        except (KeyFileError, OSError) as e:
+            raise FlashError("%s: cannot save the key: %s" % (plan.port, e)) from None
+
+    def _save_key(self, plan, say):
+        with registry(self.keys_path) as (keys, save):
+            current = keys.get(plan.node_id)
+            if current != plan.registered:
+                raise FlashError(
+                    "%s: the entry of node %d in %s changed while flashing (another citynode "
+                    "run?)" % (plan.port, plan.node_id, self.keys_path)
+                )
+            key = plan.key if plan.key is not None else secrets.token_bytes(KEY_BYTES)
+            if key != current:
+                keys[plan.node_id] = key
+                say("saving the key in %s" % self.keys_path)
+                save()
+            return key
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- the boot line ---------------------------------------------------------------------------
+
+
+def parse_log_line(text):
+    """(level, subsystem, message, {field: value}) of a node log line, else None."""
+    m = _LOG_LINE.search(text)
+    if not m:
+        return None
+    level, _uptime, subsystem, rest = m.groups()
+    first = _FIELD.search(rest)
+    message = rest[: first.start()].strip() if first else rest.strip()
+    fields = {k: v.strip('"') for k, v in _FIELD.findall(rest[len(message) :])}
+    return level, subsystem, message, fields
+
+
+def open_serial(port):
+    try:
+        return serial.serial_for_url(port, baudrate=115200, timeout=0.1, exclusive=True)
+    except TypeError:  # URL handlers (socket://, loop://) take no `exclusive`
+        return serial.serial_for_url(port, baudrate=115200, timeout=0.1)
+
+
+def confirm_boot(port, node_id, fw_version, timeout=BOOT_TIMEOUT_S):
+    """Reset the board over its serial port and read its console until the node's boot line.
+    Returns that line; raises FlashError with what was seen instead."""
+    hint = "watch the board's log (mpremote connect %s) and re-run the same command" % port
+    try:
+        ser = open_serial(port)
+    except (serial.SerialException, OSError) as e:
+        raise FlashError(
+            "%s: cannot open the port to watch the boot: %s" % (port, e), hint
+        ) from None
+    try:
+        ser.write(b"\r\x03\x03\x01")  # stop whatever runs, enter the raw REPL
+        _read_until(ser, RAW_REPL, 10.0, port)
+        ser.write(b"import machine\nmachine.reset()\x04")
+        return _watch_boot(ser, port, node_id, fw_version, timeout, hint)
+    finally:
+        with contextlib.suppress(Exception):
+            ser.close()
+
+
+def _read_until(ser, ending, timeout, port):
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(ending):
+        if time.monotonic() > deadline:
+            raise FlashError(
+                "%s: no raw REPL prompt within %.0f s (last output %r)"
+                % (port, timeout, data[-60:]),
+                "reset the board by hand and re-run the same command",
+            )
+        data += ser.read(1)
+    return data
+
+
+def _watch_boot(ser, port, node_id, fw_version, timeout, hint):
+    deadline = time.monotonic() + timeout
+    buf = b""
+    last = ""
+    traceback = None
+    while time.monotonic() < deadline:
+        try:
+            chunk = ser.read(256)
+        except (serial.SerialException, OSError):
+            # Boards with native USB (ESP32-S3, RP2040) drop off the bus while they reset.
+            ser = _reopen(ser, port, deadline)
+            continue
+        buf += chunk
+        while b"\n" in buf:
+            raw, buf = buf.split(b"\n", 1)
+            text = raw.decode("utf-8", "replace").strip("\r\x04").strip()
+            if not text:
+                continue
+            last = text
+            if "Traceback (most recent call last)" in text:
+                traceback = []
+            elif traceback is not None:
+                traceback.append(text)
+                if _EXCEPTION.match(text):
+                    raise FlashError(
+                        "%s: node %d crashed while booting: %s" % (port, node_id, text),
+                        "the board has every file but the firmware stops at boot: see the whole "
+                        "traceback with `mpremote connect %s reset + repl`" % port,
+                    )
+            parsed = parse_log_line(text)
+            if parsed is None:
+                continue
+            level, subsystem, message, fields = parsed
+            if subsystem == "node" and message == "started":
+                if fields.get("node") != str(node_id):
+                    raise FlashError(
+                        "%s: the board booted as node %s, not %d" % (port, fields.get("node"),
+                                                                       node_id), hint
+                    )  # fmt: skip
+                if fields.get("fw") != fw_version:
+                    raise FlashError(
+                        "%s: node %d booted firmware %s, not %s"
+                        % (port, node_id, fields.get("fw"), fw_version),
+                        hint,
+                    )
+                return text[_LOG_LINE.search(text).start() :]
+            if level == "E" and subsystem in ("config", "node"):
+                detail = " ".join([message] + ["%s=%s" % kv for kv in sorted(fields.items())])
+                raise FlashError("%s: node %d did not start: %s" % (port, node_id, detail), hint)
+    raise FlashError(
+        "%s: no boot line from node %d within %.0f s (last line: %s)"
+        % (port, node_id, timeout, last or "nothing"),
+        hint,
+    )
+
+
+def _reopen(ser, port, deadline):
+    with contextlib.suppress(Exception):
+        ser.close()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            return open_serial(port)
+        except (serial.SerialException, OSError):
+            continue
+    raise FlashError("%s: the port did not come back after the reset" % port)
+
+
+def progress_printer(total, stream=sys.stderr):
+    """progress(index, text) as "[2/3] text": on a terminal one line rewritten in place, on a
+    pipe one line per step."""
+    tty = stream.isatty()
+    last = [None]
+
+    def show(index, text, final=False):
+        text = "[%d/%d] %s" % (index + 1, total, text)
+        if tty:
+            stream.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            # On a pipe only a new step is worth a line, not every file of a step.
+            step = re.sub(r" \(\d+/\d+ files\)$", "", text)
+            if step == last[0] and not final:
+                return
+            last[0] = step
+            stream.write(text + "\n")
+        stream.flush()
+
+    return show
