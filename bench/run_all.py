@@ -11,7 +11,14 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 # The benchmark scripts, in order; peers.py is a library they import, not a benchmark.
-SCRIPTS = ("frame_size.py", "decode_speed.py")
+SCRIPTS = (
+    "frame_size.py",
+    "decode_speed.py",
+    "receiver_speed.py",
+    "flash_wear.py",
+    "node_cycle.py",
+    "mpy_sizes.py",
+)
 
 
 def main():

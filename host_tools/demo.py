@@ -170,4 +170,12 @@ def main(args):
         sys.stdout.write("\n")
     else:
         print(render(summary))
-    return 0 if summary["readings_lost"] == 0 else 1
+    healthy = all(code == 0 for code in summary["node_exit_codes"])
+    if not healthy:
+        print(
+            "citynode demo: a node did not finish cleanly; its console log says why"
+            + ("" if summary.get("workdir") else " (keep it with --workdir DIR)"),
+            file=sys.stderr,
+        )
+    ok = healthy and summary["readings_sampled"] > 0 and summary["readings_lost"] == 0
+    return 0 if ok else 1

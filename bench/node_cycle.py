@@ -1,0 +1,151 @@
+"""What one node cycle costs on the MicroPython unix port: heap allocated, CPU time, heap free.
+
+Runs the node's own code (BME280 driver on the register-level simulator, the journal in a
+host folder (its flash wear is bench/flash_wear.py's), the frame encoder) for many cycles
+inside one MicroPython process with
+the node's heap, and prints, per stage: bytes allocated (gc.mem_alloc with the GC paused) and
+microseconds of CPU. Then the heap the whole node needs: it boots the real firmware in the
+fleet simulator at decreasing heap sizes.
+
+    .venv/bin/python bench/node_cycle.py
+
+x86-64 figures: a 240 MHz ESP32 or 133 MHz RP2040 runs the same bytecode many times slower,
+and a 32-bit port's objects are smaller (pointers are 4 bytes, not 8).
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from host_tools import build  # noqa: E402
+from host_tools.fleet import NODE_HEAP  # noqa: E402
+
+CYCLES = 2000
+SCRIPT = r"""
+import gc, json, time
+from boards.sim_bme280 import SimBME280, SimI2C
+from firmware.bme280 import BME280
+from firmware.journal import Journal
+from protocols import frame
+
+sensor = BME280(SimI2C({0x76: SimBME280()}), 0x76, sleep_ms=lambda ms: None)
+journal = Journal("journal")
+signer = frame.Signer(bytes(16))
+buf = bytearray(frame.MAX_FRAME)
+stages = {"read": [0, 0], "append": [0, 0], "send": [0, 0]}
+low = gc.mem_free()
+seq = 0
+
+def measure(name, fn):
+    gc.collect()
+    gc.disable()
+    a = gc.mem_alloc()
+    t = time.ticks_us()
+    out = fn()
+    dt = time.ticks_diff(time.ticks_us(), t)
+    stages[name][0] += gc.mem_alloc() - a
+    stages[name][1] += dt
+    gc.enable()
+    return out
+
+def send():
+    global seq
+    rows = journal.peek(10)
+    ages = [(9 - i) * 60 for i in range(len(rows))]
+    data = frame.encode_data(signer, 17, seq, frame.BME280_CHANNELS, [r[2] for r in rows],
+                             ages, buf)
+    journal.ack(len(rows))
+    seq += 1
+    return data
+
+for k in range(CYCLES):
+    values = measure("read", sensor.read)
+    measure("append", lambda: journal.append(1, k * 60000, values))
+    if k % 10 == 9:
+        measure("send", send)
+    if k % 100 == 0:
+        gc.collect()
+        low = min(low, gc.mem_free())
+print(json.dumps({"stages": stages, "low_free": low}))
+"""
+
+
+def per_cycle(cycles):
+    build_dir = Path(tempfile.mkdtemp(prefix="citynode-bench-"))
+    build.build(build_dir)  # the journal's folder is made here too
+    proc = subprocess.run(
+        [
+            build.tool("micropython"),
+            "-X",
+            "heapsize=" + NODE_HEAP,
+            "-c",
+            SCRIPT.replace("CYCLES", str(cycles)),
+        ],
+        cwd=build_dir,
+        env={"MICROPYPATH": ".frozen:%s" % build_dir},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        sys.exit("node_cycle: MicroPython failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def smallest_heap():
+    """The smallest heap (KB) in which the real node boots and runs a simulated day."""
+    results = {}
+    for kb in (64, 68, 72, 76, 80):
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "host_tools.cli",
+                    "demo",
+                    "--nodes",
+                    "1",
+                    "--hours",
+                    "24",
+                    "--json",
+                    "--db",
+                    str(Path(tmp) / "d.db"),
+                    "--heap",
+                    "%dK" % kb,
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        summary = json.loads(proc.stdout) if proc.returncode == 0 else {}
+        ok = summary.get("readings_stored") == 24 * 60 and summary.get("node_resets") == 0
+        results[kb] = ok
+    return results
+
+
+def main():
+    r = per_cycle(CYCLES)
+    sends = CYCLES // 10
+    print("## Node cycle (bench/node_cycle.py), %d cycles, heap %s\n" % (CYCLES, NODE_HEAP))
+    print("| stage | bytes allocated each | us CPU each (x86-64) |")
+    print("|---|---:|---:|")
+    for name, n in (("read", CYCLES), ("append", CYCLES), ("send", sends)):
+        alloc, us = r["stages"][name]
+        print("| %s | %.0f | %.0f |" % (name, alloc / n, us / n))
+    total_alloc = sum(v[0] for v in r["stages"].values()) / CYCLES
+    total_us = sum(v[1] for v in r["stages"].values()) / CYCLES
+    print("| per cycle (send every 10th) | %.0f | %.0f |" % (total_alloc, total_us))
+    print("\nlowest free heap during the run: %d bytes" % r["low_free"])
+    print("\n## Node heap: does the real node run a simulated day in this heap?\n")
+    for kb, ok in smallest_heap().items():
+        print("- %dK: %s" % (kb, "yes" if ok else "no"))
+
+
+if __name__ == "__main__":
+    main()
