@@ -18,6 +18,7 @@ SCRIPTS = (
     "flash_wear.py",
     "node_cycle.py",
     "mpy_sizes.py",
+    "airtime.py",
 )
 
 

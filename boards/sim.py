@@ -33,6 +33,7 @@ class Board:
 
     def __init__(self, raw):
         sim = raw.get("sim") or {}
+        self._lora = raw.get("lora") or {}
         self.bme280 = None
         self._i2c = None
         self._wdt_ms = 0
@@ -74,18 +75,21 @@ class Board:
     def _ask(self, request):
         """Send a request to the simulator; its reply is left in self._rx (n bytes returned):
         W <ms since boot> (time now) or E (the simulated world has ended) for time requests,
-        D <hex> / A / N for bus transactions. Parsed in place: no strings to split."""
+        P <ms> <rssi> <snr x4> <hex> for a frame the radio heard, D <hex> / A / N for bus
+        transactions. Parsed in place: no strings to split."""
         self._control.sendto(request, self._control_addr)
         try:
             # recv, not readinto: a stream read on a datagram socket waits to fill the buffer
-            rx = self._rx = self._control.recv(128)
+            rx = self._rx = self._control.recv(600)  # a heard LoRa frame: up to 255 B in hex
         except OSError:
             raise SimulationEnded("sim: no reply from the simulator to %r" % request)
         n = len(rx)
-        if rx[0] == 87:  # "W"
+        if rx[0] == 87 or rx[0] == 80:  # "W <ms>", or "P <ms> ..." (a radio frame heard)
             ms = 0
-            for i in range(2, n):
+            i = 2
+            while i < n and rx[i] != 32:
                 ms = ms * 10 + rx[i] - 48
+                i += 1
             self._virtual_ms = ms
             if request[0] == 67:  # "C": lightsleep keeps the watchdog fed (boards/hw.py)
                 self._fed_ms = ms
@@ -163,7 +167,18 @@ class Board:
             return True
         return self._wait(b"C %d" % ms)
 
-    # --- buses and network ---------------------------------------------------------------
+    # --- buses, radio and network --------------------------------------------------------
+
+    def radio(self):
+        """A LoRa modem with micropython-lib's API on the simulated air (config "lora":
+        {"freq_khz", "sf", "output_power"}); only in lockstep with the fleet simulator."""
+        if self._control is None:
+            raise ValueError("config: the sim board's radio needs the fleet simulator (sim.clock)")
+        from boards.sim_radio import SimModem
+
+        cfg = {"freq_khz": 868100, "sf": 7, "bw": "125", "coding_rate": 5, "preamble_len": 8}
+        cfg.update(self._lora)
+        return SimModem(self, cfg)
 
     def i2c(self):
         return self._i2c

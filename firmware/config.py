@@ -9,7 +9,8 @@ except ImportError:  # pragma: no cover
     import ubinascii as binascii
 
 PATH = "config.json"
-ROLES = ("node",)
+ROLES = ("node", "gateway")
+LINKS = ("udp", "lora")
 
 
 class ConfigError(Exception):
@@ -32,6 +33,9 @@ class Config:
     status_every = 60
     wdt_ms = 30000
     uplink = ("", 0)
+    link = "udp"
+    lora = {}  # type: dict
+    airtime_budget_ms = None
 
 
 def parse(raw):
@@ -40,17 +44,33 @@ def parse(raw):
     c = Config()
     c.raw = raw
     c.node_id = _int(raw, "node_id", None, 0, 0xFFFFFFFF)
-    c.key = _key(raw)
     c.role = _str(raw, "role", "node")
     if c.role not in ROLES:
         raise ConfigError("config: role must be one of %s, got %r" % (ROLES, c.role))
+    c.key = _key(raw) if c.role == "node" else b""  # a gateway holds no node keys
+    c.link = _str(raw, "link", "udp")
+    if c.link not in LINKS:
+        raise ConfigError("config: link must be one of %s, got %r" % (LINKS, c.link))
+    lora = raw.get("lora") or {}
+    if not isinstance(lora, dict):
+        raise ConfigError("config: lora must be an object")
+    c.lora = lora
+    # daily airtime budget (ms), as public networks' fair-use policy; None = duty cycle only
+    c.airtime_budget_ms = raw.get("airtime_budget_ms")
+    if c.airtime_budget_ms is not None:
+        c.airtime_budget_ms = _int(raw, "airtime_budget_ms", None, 1, 86400000)
     c.board = _str(raw, "board", None)
     c.interval_s = _int(raw, "interval_s", 60, 1, 86400)
     c.batch = _int(raw, "batch", 10, 1, 64)
     c.journal_capacity = _int(raw, "journal_capacity", 10080, 16, 1000000)
-    c.ack_timeout_ms = _int(raw, "ack_timeout_ms", 2000, 10, 60000)
+    # LoRa: the gateway answers 2 s after the uplink ends (GATEWAY.md), then the ack's airtime
+    ack_default = 6000 if c.link == "lora" else 2000
+    c.ack_timeout_ms = _int(raw, "ack_timeout_ms", ack_default, 10, 60000)
     c.status_every = _int(raw, "status_every", 60, 0, 100000)  # cycles; 0 = at boot only
     c.wdt_ms = _int(raw, "wdt_ms", 30000, 1000, 600000)
+    if c.link == "lora" and c.role == "node":
+        c.uplink = None
+        return c
     uplink = _str(raw, "uplink", None)
     host, _, port = uplink.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:

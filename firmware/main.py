@@ -24,6 +24,11 @@ def run():
     cfg, board, log, boot_no, cause = boot.prepare()
     boot = None
     _drop(firmware, ("boot", "config"))
+    if cfg.role == "gateway":
+        from firmware.gateway import Gateway
+
+        Gateway(cfg, board, log).run(board.wdt(cfg.wdt_ms))
+        return
 
     # The journal opens before the node's code is loaded: its boot-time code (journal_boot)
     # and the node's code are never on the heap together.
@@ -41,10 +46,18 @@ def run():
     _drop(firmware, ("journal_boot",))
 
     from firmware.clock import Clock
-    from firmware.links import UdpLink
     from firmware.node import Node
 
-    link = UdpLink(board, cfg.uplink, log)
+    if cfg.link == "lora":
+        from firmware.airtime import Governor
+        from firmware.links import LoraLink
+
+        governor = Governor(board.ticks_ms, daily_budget_ms=cfg.airtime_budget_ms)
+        link = LoraLink(board, cfg.lora, log, governor)
+    else:
+        from firmware.links import UdpLink
+
+        link = UdpLink(board, cfg.uplink, log)
     node = Node(cfg, board, log, sequence, journal, link, Clock(boot_no), (boot_no, cause))
     gc.collect()
     wdt = board.wdt(cfg.wdt_ms)

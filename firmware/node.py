@@ -96,6 +96,7 @@ class Node:
             if not self.link.up():
                 self.log.warning("link", "down, keeping readings", pending=len(self.journal))
                 return False
+            self.link.prepare()  # e.g. LoRa's random delay: before the ages are taken
             records = self.journal.peek(batch)
             readings, ages, skip = self._place(records)
             if skip:  # earlier boots that never learned the time: cannot be placed
@@ -171,13 +172,14 @@ class Node:
         }
         seq = self.seq.take()
         data = frame.encode_status(self.signer, self.cfg.node_id, seq, fields)
-        self.stats["status_sent"] += 1
         return self._transmit(data, seq, "status", 0)
 
     def _transmit(self, data, seq, what, n):
         if not self.link.send(data):
             return False
         self.stats["frames_sent"] += 1
+        if not n:
+            self.stats["status_sent"] += 1
         self.stats["bytes_sent"] += len(data)
         if n:
             self.log.info("link", "sent frame", seq=seq, readings=n, bytes=len(data))
@@ -202,6 +204,11 @@ class Node:
                 return True
 
     def _handle_ack(self, data, seq):
+        try:
+            if frame.peek(data)[2] != self.cfg.node_id:
+                return False  # on LoRa every node hears every ack: not ours, not an error
+        except frame.FrameError:
+            pass  # decode_ack says what is wrong
         try:
             ack = frame.decode_ack(data, self.signer)
         except frame.FrameError as e:
@@ -238,7 +245,7 @@ class Node:
             reset_cause=self.boot[1],
             pending=len(self.journal),
         )
-        self.send_status()
+        status_due = True  # at boot, then every status_every cycles until one is sent
         while True:
             if wdt is not None:
                 wdt.feed()
@@ -246,9 +253,11 @@ class Node:
             start = self.board.ticks_ms()
             self.sample()
             self.send_pending()
+            if status_due and self.send_status():
+                status_due = False
             self.cycles += 1
             if self.cfg.status_every and self.cycles % self.cfg.status_every == 0:
-                self.send_status()
+                status_due = True
             awake = self.board.ticks_ms() - start
             self.awake_ms_total += awake
             if not self.board.idle_ms(max(0, interval_ms - awake)):
@@ -256,6 +265,10 @@ class Node:
         self.send_pending(flush=True)
         self.stats["pending"] = len(self.journal)
         self.stats["dropped"] = self.journal.dropped
+        governor = getattr(self.link, "governor", None)
+        if governor is not None:
+            self.stats["airtime_ms"] = governor.airtime_ms
+            self.stats["deferred"] = self.link.deferred
         gc.collect()
         self.stats["free_heap"] = gc.mem_free()
         self.log.info("node", "stopped", **self.stats)

@@ -4,6 +4,8 @@
 import bisect
 import json
 import logging
+import math
+import random
 import secrets
 import sqlite3
 import sys
@@ -12,7 +14,7 @@ import time
 from pathlib import Path
 
 from host_tools import weather
-from host_tools.fleet import NODE_HEAP, Fleet, NodeSpec
+from host_tools.fleet import LORA_NODE_HEAP, NODE_HEAP, Fleet, NodeSpec
 from host_tools.receiver import Receiver, Verifier
 from host_tools.sinks import SqliteSink
 
@@ -46,20 +48,46 @@ def run(args, workdir):
         raise DemoError("--nodes must be at least 1")
     if args.batch < 1 or args.batch > 64:
         raise DemoError("--batch must be 1..64")
+    if getattr(args, "link", "udp") == "lora" and not 1 <= args.gateways <= 16:
+        raise DemoError("--gateways must be 1..16")
     specs = []
+    lora = getattr(args, "link", "udp") == "lora"
+    rng = random.Random(args.seed)
     for i in range(args.nodes):
         rows = world_rows(args, i)
         interval = args.interval
         if args.trace and len(rows) > 1:
             gaps = sorted(b[0] - a[0] for a, b in zip(rows, rows[1:], strict=False))
             interval = max(1, gaps[len(gaps) // 2])  # the trace's own cadence
-        specs.append(NodeSpec(i + 1, secrets.token_bytes(16), rows, interval, args.batch))
-    keys = {s.node_id: s.key for s in specs}
+        extra, position = {}, (0.0, 0.0)
+        if lora:
+            # Nodes are not switched on in the same second: stagger them over one interval,
+            # or they would all transmit at once every time (a shared gateway hears one).
+            offset = rng.randrange(interval)
+            rows = [(r[0] + offset,) + tuple(r[1:]) for r in rows]
+            extra = {"link": "lora", "lora": {"sf": args.sf}}
+            if args.airtime_budget:
+                extra["airtime_budget_ms"] = int(args.airtime_budget * 1000)
+            # nodes on lamp posts 200 m .. 1.5 km around the gateways (Koper's centre is ~1 km)
+            angle, radius = rng.uniform(0, 2 * math.pi), rng.uniform(200, 1500)
+            position = (radius * math.cos(angle), radius * math.sin(angle))
+        specs.append(
+            NodeSpec(i + 1, secrets.token_bytes(16), rows, interval, args.batch, extra, position)
+        )
+    sensors = list(specs)
+    if lora:
+        for g in range(args.gateways):
+            angle = 2 * math.pi * g / args.gateways
+            position = (0.0, 0.0) if g == 0 else (600 * math.cos(angle), 600 * math.sin(angle))
+            gw = {"role": "gateway", "lora": {"sf": args.sf}}
+            specs.append(NodeSpec(1000 + g, b"", [], 60, 1, gw, position))
+    keys = {s.node_id: s.key for s in sensors}
     db = Path(args.db)
     for stale in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
         stale.unlink(missing_ok=True)  # the demo's file: each run starts from an empty table
     sink = SqliteSink(db)
-    fleet = Fleet(workdir, specs, receiver=None, heap=getattr(args, "heap", None) or NODE_HEAP)
+    heap = getattr(args, "heap", None) or (LORA_NODE_HEAP if lora else NODE_HEAP)
+    fleet = Fleet(workdir, specs, receiver=None, heap=heap, seed=args.seed)
     receiver = Receiver(Verifier(keys), sink, clock=fleet.clock)
     fleet.receiver = receiver
     t0 = time.monotonic()
@@ -68,12 +96,38 @@ def run(args, workdir):
     finally:
         sink.close()
     elapsed = time.monotonic() - t0
-    return summarize(specs, results, receiver, db, elapsed)
+    summary = summarize(
+        sensors, [r for r in results if r["node_id"] < 1000], receiver, db, elapsed
+    )
+    if lora:
+        summary.update(lora_summary(args, fleet, sensors, results, summary))
+    return summary
+
+
+def lora_summary(args, fleet, sensors, results, summary):
+    nodes = [r["stats"] for r in results if r["node_id"] < 1000]
+    gateways = [r["stats"] for r in results if r["node_id"] >= 1000]
+    airtime_us = sum(fleet.airtime_us.get(s.node_id, 0) for s in sensors)
+    stored = summary["readings_stored"] or 1
+    return {
+        "link": "lora",
+        "spreading_factor": args.sf,
+        "gateways": len(gateways),
+        "airtime_s": round(airtime_us / 1e6, 3),
+        "airtime_ms_per_reading": round(airtime_us / 1000 / stored, 2),
+        "frames_lost_to_collisions": fleet.air.stats.get("collision", 0),
+        "frames_below_sensitivity": fleet.air.stats.get("below_sensitivity", 0),
+        "retransmissions": sum(n.get("frames_sent", 0) - n.get("frames_acked", 0) for n in nodes),
+        "duty_cycle_deferrals": sum(n.get("deferred", 0) for n in nodes),
+        "gateway_frames_forwarded": sum(g.get("forwarded", 0) for g in gateways),
+        "gateway_acks_sent": sum(g.get("acks_sent", 0) for g in gateways),
+    }
 
 
 def summarize(specs, results, receiver, db, elapsed):
     stats = [r["stats"] for r in results]
     sampled = sum(s.get("sampled", 0) for s in stats)
+    pending = sum(s.get("pending", 0) for s in stats)  # still in the nodes' journals at the end
     status_sent = sum(s.get("status_sent", 0) for s in stats)
     frames_sent = sum(s.get("frames_sent", 0) for s in stats) - status_sent  # DATA frames
     uplink_bytes = sum(s.get("bytes_sent", 0) for s in stats)
@@ -115,7 +169,10 @@ def summarize(specs, results, receiver, db, elapsed):
         "nodes": len(specs),
         "readings_sampled": sampled,
         "readings_stored": stored,
-        "readings_lost": sampled - stored,
+        # sampled but neither stored nor still waiting on a node (a pending reading may also
+        # be stored already: its ack was lost)
+        "readings_lost": max(0, sampled - stored - pending),
+        "readings_pending_on_nodes": pending,
         "frames_sent": frames_sent,
         "frames_accepted": counters.get("frames_accepted", 0),
         "frames_rejected": rejected,
@@ -140,8 +197,13 @@ def render(summary):
     lines = [
         "citynode demo: %d nodes, %.1f simulated hours in %.1f s"
         % (summary["nodes"], summary["simulated_hours"], summary["wall_seconds"]),
-        "  readings: %d sampled, %d stored, %d lost"
-        % (summary["readings_sampled"], summary["readings_stored"], summary["readings_lost"]),
+        "  readings: %d sampled, %d stored, %d lost, %d still in the nodes' journals"
+        % (
+            summary["readings_sampled"],
+            summary["readings_stored"],
+            summary["readings_lost"],
+            summary["readings_pending_on_nodes"],
+        ),
         "  frames:   %d sent, %d accepted, %d rejected"
         % (summary["frames_sent"], summary["frames_accepted"], summary["frames_rejected"]),
         "  uplink:   %d bytes, %s bytes per reading"
@@ -150,6 +212,19 @@ def render(summary):
         % (d["temperature_c"], d["humidity_pct"], d["pressure_hpa"], summary["max_ts_error_s"]),
         "  readings in %s (table readings)" % summary["db"],
     ]
+    if summary.get("link") == "lora":
+        lines.append(
+            "  lora:     SF%d, %d gateway(s), %.1f ms airtime a reading, %d frames lost to "
+            "collisions, %d retransmissions, %d duty-cycle deferrals"
+            % (
+                summary["spreading_factor"],
+                summary["gateways"],
+                summary["airtime_ms_per_reading"],
+                summary["frames_lost_to_collisions"],
+                summary["retransmissions"],
+                summary["duty_cycle_deferrals"],
+            )
+        )
     if summary.get("workdir"):
         lines.append("  node consoles (serial logs): %s/node-*/console.log" % summary["workdir"])
     return "\n".join(lines)

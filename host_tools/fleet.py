@@ -8,6 +8,7 @@
 # readings takes seconds and every timestamp is exact. Replies: "W <ms since boot> [raw ADC]"
 # or "E" (the world, i.e. the trace, has ended: flush and stop).
 
+import bisect
 import json
 import os
 import select
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from boards.sim_bme280 import SimBME280, SimI2C
 from host_tools import build
-from protocols import frame
+from host_tools.air import Medium
+from protocols import frame, gwlink
 
 BOOT = "from firmware import main; main.run()"
 # The node's MicroPython heap. 80 KB on this 64-bit unix port, where pointers and object
@@ -27,6 +29,8 @@ BOOT = "from firmware import main; main.run()"
 # The node with its flash journal runs 10 000 cycles in 72 KB here but fails to boot in 64 KB;
 # 80 KB leaves room for the littlefs buffers of a real filesystem (bench/RESULTS.md).
 NODE_HEAP = "80K"
+LORA_NODE_HEAP = "96K"  # + the airtime governor and the radio (micropython-lib's on a board)
+ACK_FREQ_KHZ = 869525  # acks in the 10 % sub-band (FIELD.md), where the nodes listen for them
 RESET_EXIT = 3  # boards/sim.py: the node asked for a reset (crash, watchdog, machine.reset)
 MAX_RESETS = 20  # per node: a node that keeps resetting is a failed test, not a loop
 
@@ -43,6 +47,15 @@ class NodeSpec:
     interval_s: int = 60
     batch: int = 10
     extra_config: dict = field(default_factory=dict)
+    position: tuple = (0.0, 0.0)  # metres, on the simulated air (LoRa)
+
+    @property
+    def role(self):
+        return self.extra_config.get("role", "node")
+
+    @property
+    def lora(self):
+        return self.extra_config.get("link") == "lora" or self.role == "gateway"
 
 
 @dataclass
@@ -62,13 +75,22 @@ class _Node:
 
 
 class Fleet:
-    def __init__(self, workdir, specs, receiver, heap=NODE_HEAP, build_dir=None):
+    def __init__(self, workdir, specs, receiver, heap=NODE_HEAP, build_dir=None, seed=0):
         self.workdir = Path(workdir)
         self.specs = specs
         self.receiver = receiver
         self.heap = heap
         self.build_dir = Path(build_dir) if build_dir else build.default_build_dir()
-        self.now_ms = min(s.rows[0][0] for s in specs) * 1000 if specs else 0
+        starts = [s.rows[0][0] for s in specs if s.rows]
+        self.now_ms = min(starts) * 1000 if starts else 0
+        self.air = None
+        if any(s.lora for s in specs):
+            self.air = Medium(seed=seed)
+            for s in specs:
+                if s.lora:
+                    self.air.add_radio(s.node_id, *s.position)
+        self._tx_ends = []  # end (ms) of every transmission not yet resolved
+        self.airtime_us = {}  # node id -> total time on air
         self.datagrams = 0
 
     def clock(self):
@@ -80,11 +102,16 @@ class Fleet:
         with (
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as control,
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as uplink,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gateways,
         ):
             control.bind(("127.0.0.1", 0))
             uplink.bind(("127.0.0.1", 0))
             uplink.setblocking(False)
-            self._control, self._uplink = control, uplink
+            gateways.bind(("127.0.0.1", 0))  # gateway nodes' link to the host (gwlink)
+            gateways.setblocking(False)
+            self._control, self._uplink, self._gateways = control, uplink, gateways
+            self._deframers = {}
+            self.downlinks = 0
             nodes = [self._start(spec, control, uplink) for spec in self.specs]
             self._by_addr = {}
             self._by_id = {n.spec.node_id: n for n in nodes}
@@ -109,7 +136,8 @@ class Fleet:
             "board": "sim",
             "interval_s": spec.interval_s,
             "batch": spec.batch,
-            "uplink": "127.0.0.1:%d" % uplink.getsockname()[1],
+            "uplink": "127.0.0.1:%d"
+            % (self._gateways if spec.role == "gateway" else uplink).getsockname()[1],
             "sim": {"clock": "127.0.0.1:%d" % control.getsockname()[1]},
         }
         extra = dict(spec.extra_config)
@@ -182,14 +210,51 @@ class Fleet:
             self._by_addr[addr] = node
             if node.booted:  # a reset: the board restarts now, sensing what is there now
                 node.boot_ms = self.now_ms
-                self._wake(node, sense="again")
+                self._wake(node, sense="again" if node.spec.rows else False)
                 return
             node.booted = True
-            node.boot_ms = node.spec.rows[0][0] * 1000
-            self.now_ms = max(self.now_ms, node.boot_ms)
-            self._wake(node, sense=True)  # boots at its first row's time and samples it
+            if not node.spec.rows:  # a gateway: nothing to sense, it boots now
+                node.boot_ms = self.now_ms
+                self._wake(node, sense=False)
+                return
+            # It boots at its first row's time and samples it: until then it waits.
+            node.waiting, node.deadline_ms = "B", max(self.now_ms, node.spec.rows[0][0] * 1000)
             return
         node = self._by_addr[addr]
+        if kind == "TX":  # on the air now; the radio is busy until the frame has left
+            freq, sf, power = int(words[1]), int(words[2]), int(words[3])
+            tx = self.air.transmit(
+                node.spec.node_id,
+                self.now_ms * 1000,
+                freq,
+                sf,
+                125,
+                bytes.fromhex(words[4]),
+                power,
+            )
+            end_ms = -(-tx.t_end // 1000)
+            bisect.insort(self._tx_ends, end_ms)
+            node.waiting, node.deadline_ms, node.delivered = "T", end_ms, False
+            self.airtime_us[node.spec.node_id] = self.airtime_us.get(node.spec.node_id, 0) + (
+                tx.t_end - tx.t_start
+            )
+            return
+        if kind == "RX":  # a receive window on (freq, sf) for up to timeout ms
+            freq, sf, timeout = int(words[1]), int(words[2]), int(words[3])
+            if self._world_over(node):
+                node.waiting = None
+                self._control.sendto(b"E", node.addr)
+                return
+            self.air.listen(
+                node.spec.node_id,
+                freq,
+                sf,
+                125,
+                self.now_ms * 1000,
+                (self.now_ms + timeout) * 1000,
+            )
+            node.waiting, node.deadline_ms, node.delivered = "L", self.now_ms + timeout, False
+            return
         ms = int(words[1])
         node.waiting = kind
         node.delivered = False
@@ -204,17 +269,95 @@ class Fleet:
 
     def _advance(self, alive):
         self._drain()
+        self._drain_gateways()
         due = [n for n in alive if n.waiting == "R" and n.delivered]
         if not due:
             t = min(n.deadline_ms for n in alive)
+            if self._tx_ends and self._tx_ends[0] < t:
+                t = self._tx_ends[0]  # a frame ends first: someone may hear it
             self.now_ms = max(self.now_ms, t)
+            while self._tx_ends and self._tx_ends[0] <= self.now_ms:
+                self._tx_ends.pop(0)
             due = [n for n in alive if n.deadline_ms <= self.now_ms]
+            if self.air is not None:
+                due = self._hear(alive, due)
         for n in due:
-            if n.waiting == "C" and n.ended:
+            if n.waiting is None:
+                continue  # woken by a frame heard
+            if n.waiting == "L" and self._world_over(n):
+                n.waiting = None
+                self._control.sendto(b"E", n.addr)
+            elif n.waiting == "B":
+                n.boot_ms = self.now_ms
+                self._wake(n, sense=True)
+            elif n.waiting == "C" and n.ended:
                 n.waiting = None
                 self._control.sendto(b"E", n.addr)
             else:
                 self._wake(n, sense=n.waiting == "C")
+
+    def _hear(self, alive, due):
+        """Resolve the air up to now: a radio in a receive window that heard a frame wakes
+        with it ("P <ms> <rssi> <snr x4> <hex>"); its window closes."""
+        heard = self.air.deliveries(self.now_ms * 1000)
+        for radio_id, deliveries in heard.items():
+            node = self._by_id.get(radio_id)
+            if node is None or node.waiting != "L":
+                continue
+            d = deliveries[0]
+            self.air.stop_listening(radio_id, self.now_ms * 1000)
+            node.waiting = None
+            reply = "P %d %d %d %s" % (
+                self.now_ms - node.boot_ms,
+                round(d.rssi),
+                max(-128, min(127, round(d.snr * 4))),
+                bytes(d.payload).hex(),
+            )
+            self._control.sendto(reply.encode(), node.addr)
+        return [n for n in due if n.waiting is not None]
+
+    def _world_over(self, node):
+        """A gateway's world ends when every node it serves has finished."""
+        return node.spec.role == "gateway" and all(
+            n.proc.poll() is not None or n.ended
+            for n in self._by_id.values()
+            if n.spec.role != "gateway"
+        )
+
+    def _drain_gateways(self):
+        """Uplinks from gateway nodes: the LoRa frame goes to the receiver, stamped with the
+        simulator's clock (the frame ended now); its ack goes back as a DOWNLINK for the node's
+        receive window, 2 s after the uplink ended (GATEWAY.md)."""
+        while True:
+            try:
+                data, addr = self._gateways.recvfrom(4096)
+            except BlockingIOError:
+                return
+            deframer = self._deframers.setdefault(addr, gwlink.Deframer())
+            for m in deframer.feed(data):
+                if not isinstance(m, gwlink.Uplink):
+                    continue
+                self.datagrams += 1
+                # The gateway stamps the end of reception; the frame left the node one time on
+                # air earlier, and its ages count from that moment (SPEC.md "Timing").
+                sent = self.now_ms / 1000 - m.airtime_us / 1e6
+                ack = self.receiver.datagram(bytes(m.payload), rx_time=sent)
+                gw = self._by_id.get(m.gw_id)
+                if gw is not None:
+                    gw.delivered = True  # its wait for the host's answer is over either way
+                if ack is None:
+                    continue
+                self.downlinks += 1
+                down = gwlink.Downlink(
+                    m.gw_id,
+                    self.downlinks & 0xFFFF,
+                    m.rx_ms + gwlink.RX_DELAY_MS,
+                    ACK_FREQ_KHZ,
+                    14,
+                    m.sf,
+                    ack,
+                )
+                self._gateways.sendto(gwlink.encode(down), addr)
 
     def _bus(self, node, words):
         addr, reg = int(words[1]), int(words[2])
@@ -265,7 +408,7 @@ class Fleet:
         stats = {}
         for line in log.splitlines():
             parts = line.split()
-            if len(parts) > 3 and parts[2] == "node" and parts[3] == "stopped":
+            if len(parts) > 3 and parts[2] in ("node", "gateway") and parts[3] == "stopped":
                 stats = dict(p.split("=", 1) for p in parts[4:] if "=" in p)
         return {
             "node_id": node.spec.node_id,

@@ -34,9 +34,24 @@ class SinkError(Exception):
     """A sink that cannot be opened or used as asked."""
 
 
+# A reading a node sends again (its ack was lost) comes under a new seq with its age counted
+# anew: whole seconds, relative to the new sending, so its timestamp can differ from the first
+# copy's by up to 1 s plus the difference in latency. Within this of a stored row of the same
+# node and quantity, with the same value, it is that row (SPEC.md "Replay and duplicates"):
+# nodes sample far less often than every 3 s.
+RESENT_WITHIN_S = 1.5
+
+_INSERT_NEW = (
+    "INSERT OR IGNORE INTO readings SELECT ?1, ?2, ?3, ?4 WHERE NOT EXISTS ("
+    "SELECT 1 FROM readings WHERE node_id = ?1 AND ts BETWEEN ?2 - %s AND ?2 + %s "
+    "AND quantity = ?3 AND value = ?4)" % (RESENT_WITHIN_S, RESENT_WITHIN_S)
+)
+
+
 class SqliteSink:
     """Readings in an SQLite file, table `readings`. A row already stored (same node, ts and
-    quantity) is ignored, so writing the same rows twice is harmless."""
+    quantity), or the same reading sent again (same node, quantity and value, ts within
+    RESENT_WITHIN_S), is ignored, so writing the same rows twice is harmless."""
 
     def __init__(self, path):
         self.path = path
@@ -62,7 +77,7 @@ class SqliteSink:
         before = db.total_changes
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?)", rows)
+            db.executemany(_INSERT_NEW, rows)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # a failed COMMIT leaves it open

@@ -17,6 +17,27 @@ def add_arguments(p):
     )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (0)")
     p.add_argument(
+        "--link",
+        choices=("udp", "lora"),
+        default="udp",
+        help="udp: nodes on Wi-Fi; lora: raw LoRa through simulated gateway nodes",
+    )
+    p.add_argument(
+        "--sf",
+        type=int,
+        default=7,
+        choices=range(7, 13),
+        metavar="SF",
+        help="LoRa spreading factor 7..12 (7)",
+    )
+    p.add_argument("--gateways", type=int, default=1, metavar="N", help="LoRa gateways (1)")
+    p.add_argument(
+        "--airtime-budget",
+        type=float,
+        metavar="S",
+        help="LoRa: airtime budget per node per day, s (public networks: 30)",
+    )
+    p.add_argument(
         "--heap", help="each node's MicroPython heap (default 80K, see host_tools/fleet.py)"
     )
     p.add_argument("--workdir", metavar="DIR", help="keep node filesystems and console logs here")

@@ -56,6 +56,14 @@ def add_arguments(p):
         help="MQTT topic carrying raw frames from gateways, mqtt://HOST[:PORT]/TOPIC "
         "(wildcards allowed); acks go to <topic>/ack; repeatable",
     )
+    src.add_argument(
+        "--serial",
+        action="append",
+        metavar="URL",
+        help="LoRa gateway node on a serial line (/dev/ttyUSB0, socket://HOST:PORT, ...); "
+        "repeatable: copies of a frame heard by several gateways are merged",
+    )
+    src.add_argument("--serial-baud", type=int, default=115200, metavar="BAUD")
     out = p.add_argument_group("sinks (default: --db %s when no other sink is given)" % DEFAULT_DB)
     out.add_argument("--db", metavar="PATH", help="SQLite file, table readings")
     out.add_argument("--jsonl", metavar="-|FILE", help="append JSON lines here")
@@ -200,11 +208,15 @@ def _sources(args):
 
     sources = []
     try:
-        udp = args.udp or ([] if args.mqtt_in else [DEFAULT_UDP])
+        udp = args.udp or ([] if (args.mqtt_in or args.serial) else [DEFAULT_UDP])
         for text in udp:
             sources.append(UdpSource(_bind_udp(text)))
         for url in args.mqtt_in or []:
             sources.append(MqttSource(url))
+        if args.serial:  # one source for every line, so that copies can be merged
+            from host_tools.gateway_serial import SerialGatewaySource
+
+            sources.append(SerialGatewaySource(args.serial, baudrate=args.serial_baud))
     except BaseException:
         for source in sources:
             source.stop()

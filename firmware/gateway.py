@@ -1,0 +1,97 @@
+# The gateway role: the same firmware on a board with a LoRa radio, forwarding every frame it
+# hears to the host (protocols/gwlink.py over UDP) and transmitting the host's acks to the node
+# in its receive window. It holds no node keys: frames pass through untouched (GATEWAY.md).
+
+from firmware.airtime import Governor
+from protocols import gwlink
+
+FW_VERSION = "0.2.0"
+_LISTEN_MS = 4000  # one receive window, shorter than any watchdog timeout (RP2040: 8.4 s)
+_DOWNLINK_WAIT_MS = 1000  # how long to wait for the host's answer to an uplink
+
+
+class Gateway:
+    def __init__(self, cfg, board, log):
+        self.board = board
+        self.log = log
+        self.gw_id = cfg.node_id
+        self.modem = board.radio()
+        self.listen_freq = self.modem.cfg["freq_khz"]
+        self.sf = self.modem.cfg["sf"]
+        self.host = cfg.uplink
+        self.sock = board.udp_socket()
+        self.deframer = gwlink.Deframer()
+        self.governor = Governor(board.ticks_ms)
+        self.seq = 0
+        self.stats = {"heard": 0, "bad_crc": 0, "forwarded": 0, "acks_sent": 0, "acks_late": 0}
+        self.stats["acks_deferred"] = 0
+
+    def run(self, wdt=None):
+        self.log.info("gateway", "started", gw=self.gw_id, fw=FW_VERSION, board=self.board.NAME)
+        while True:
+            if wdt is not None:
+                wdt.feed()
+            pkt = self.modem.recv(timeout_ms=_LISTEN_MS)
+            if getattr(self.modem, "ended", False):
+                break  # only a simulated world ends
+            if pkt is None:
+                continue
+            self.forward(pkt)
+        self.log.info("gateway", "stopped", **self.stats)
+
+    def forward(self, pkt):
+        end_ms = self.board.ticks_ms()  # the end of reception: the node's RX delay counts from it
+        self.stats["heard"] += 1
+        if not pkt.valid_crc:
+            self.stats["bad_crc"] += 1
+            return
+        airtime = self.modem.get_time_on_air_us(len(pkt))
+        self.seq = (self.seq + 1) & 0xFFFF
+        msg = gwlink.Uplink(
+            self.gw_id,
+            self.seq,
+            end_ms,
+            airtime,
+            self.listen_freq,
+            int(pkt.rssi),
+            max(-128, min(127, int(pkt.snr * 4))),
+            self.sf,
+            gwlink.FLAG_CRC_OK,
+            bytes(pkt),
+        )
+        try:
+            self.sock.sendto(gwlink.encode(msg), self.board.uplink_address(self.host))
+        except OSError as e:
+            self.log.warning("gateway", "host unreachable", errno=e.args[0] if e.args else 0)
+            return
+        self.stats["forwarded"] += 1
+        if self.board.wait_readable(self.sock, _DOWNLINK_WAIT_MS):
+            try:
+                data = self.sock.recv(gwlink.MAX_ENCODED + 2)
+            except OSError:
+                return
+            for m in self.deframer.feed(data):
+                if isinstance(m, gwlink.Downlink):
+                    self.transmit(m)
+
+    def transmit(self, m):
+        now = self.board.ticks_ms()
+        if m.tx_at_ms < now:
+            self.stats["acks_late"] += 1
+            self.log.warning(
+                "gateway",
+                "ack too late for the node's window",
+                msg=m.msg_id,
+                late_ms=now - m.tx_at_ms,
+            )
+            return
+        self.modem.configure({"freq_khz": m.freq_khz, "sf": m.sf})
+        airtime = self.modem.get_time_on_air_us(len(m.payload))
+        if self.governor.can_send(m.freq_khz, airtime):
+            self.stats["acks_deferred"] += 1
+            self.log.warning("gateway", "duty cycle: ack not sent", reason=self.governor.reason)
+        else:
+            self.governor.record(m.freq_khz, airtime)
+            self.modem.send(m.payload, tx_at_ms=m.tx_at_ms)
+            self.stats["acks_sent"] += 1
+        self.modem.configure({"freq_khz": self.listen_freq, "sf": self.sf})
