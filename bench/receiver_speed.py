@@ -63,15 +63,20 @@ def make_frames(n_frames, seed=1):
     keys = {node: rng.randbytes(16) for node in range(1, FLEET + 1)}
     signers = {node: Signer(key) for node, key in keys.items()}
     frames = []
+    last_seq = n_frames // FLEET + 1
     for i in range(n_frames):
         node = 1 + i % FLEET
         seq = 1 + i // FLEET
+        # A node's frames ten minutes apart, as a node sends them: sent here in a burst, their
+        # readings still get distinct times (the receiver takes near-equal readings of one
+        # node within 1.5 s for the same reading sent again).
+        older = 600 * (last_seq - seq)
         t = 2150 + rng.randrange(-50, 50)
         readings = [
             (t + k, 4500 + rng.randrange(-30, 30), 101325 + rng.randrange(-20, 20))
             for k in range(READINGS_PER_FRAME)
         ]
-        ages = [60 * (READINGS_PER_FRAME - 1 - k) for k in range(READINGS_PER_FRAME)]
+        ages = [older + 60 * (READINGS_PER_FRAME - 1 - k) for k in range(READINGS_PER_FRAME)]
         frames.append(encode_data(signers[node], node, seq, BME280_CHANNELS, readings, ages))
     return keys, frames
 
