@@ -32,7 +32,7 @@ class Config:
     ack_timeout_ms = 2000
     status_every = 60
     wdt_ms = 30000
-    uplink = ("", 0)
+    uplink = None  # type: object  # (host, port); None on LoRa; "serial" for a USB gateway
     link = "udp"
     lora = {}  # type: dict
     airtime_budget_ms = None
@@ -72,6 +72,9 @@ def parse(raw):
         c.uplink = None
         return c
     uplink = _str(raw, "uplink", None)
+    if uplink == "serial" and c.role == "gateway":
+        c.uplink = "serial"  # gwlink messages on the USB serial console (GATEWAY.md)
+        return c
     host, _, port = uplink.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError("config: uplink must be 'host:port', got %r" % uplink)

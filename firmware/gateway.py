@@ -2,6 +2,8 @@
 # hears to the host (protocols/gwlink.py over UDP) and transmitting the host's acks to the node
 # in its receive window. It holds no node keys: frames pass through untouched (GATEWAY.md).
 
+import sys
+
 from firmware.airtime import Governor
 from protocols import gwlink
 
@@ -19,7 +21,13 @@ class Gateway:
         self.listen_freq = self.modem.cfg["freq_khz"]
         self.sf = self.modem.cfg["sf"]
         self.host = cfg.uplink
-        self.sock = board.udp_socket()
+        if cfg.uplink == "serial":
+            # gwlink messages share the USB console with the log: the framing skips the lines
+            self.sock = None
+            self._out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
+            self._in = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
+        else:
+            self.sock = board.udp_socket()
         self.deframer = gwlink.Deframer()
         self.governor = Governor(board.ticks_ms)
         self.seq = 0
@@ -60,14 +68,27 @@ class Gateway:
             bytes(pkt),
         )
         try:
-            self.sock.sendto(gwlink.encode(msg), self.board.uplink_address(self.host))
+            if self.sock is None:
+                self._out.write(gwlink.encode(msg))
+                if hasattr(self._out, "flush"):
+                    self._out.flush()
+            else:
+                self.sock.sendto(gwlink.encode(msg), self.board.uplink_address(self.host))
         except OSError as e:
             self.log.warning("gateway", "host unreachable", errno=e.args[0] if e.args else 0)
             return
         self.stats["forwarded"] += 1
-        if self.board.wait_readable(self.sock, _DOWNLINK_WAIT_MS):
+        stream = self._in if self.sock is None else self.sock
+        if self.board.wait_readable(stream, _DOWNLINK_WAIT_MS):
             try:
-                data = self.sock.recv(gwlink.MAX_ENCODED + 2)
+                if self.sock is None:
+                    data = bytearray()  # one byte at a time: the line never blocks us
+                    while True:
+                        data.extend(self._in.read(1))  # type: ignore[arg-type]  # .buffer: bytes
+                        if not self.board.wait_readable(self._in, 0):
+                            break
+                else:
+                    data = self.sock.recv(gwlink.MAX_ENCODED + 2)
             except OSError:
                 return
             for m in self.deframer.feed(data):

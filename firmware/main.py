@@ -53,7 +53,7 @@ def run():
         from firmware.links import LoraLink
 
         governor = Governor(board.ticks_ms, daily_budget_ms=cfg.airtime_budget_ms)
-        link = LoraLink(board, cfg.lora, log, governor)
+        link = LoraLink(board, cfg.lora, log, governor)  # type: object
     else:
         from firmware.links import UdpLink
 

@@ -122,6 +122,8 @@ class Fleet:
                     if n.proc.poll() is None:
                         n.proc.kill()
                     n.proc.wait()
+                    if n.proc.stdin is not None:  # a serial gateway: the rest of its console
+                        self._read_console(n)
                     n.log_file.close()
         return [self._node_result(n) for n in nodes]
 
@@ -160,14 +162,19 @@ class Fleet:
 
     def _spawn(self, node):
         env = dict(os.environ, MICROPYPATH=".frozen:%s" % self.build_dir)
+        serial = node.spec.extra_config.get("uplink") == "serial"
         node.proc = subprocess.Popen(
             [build.tool("micropython"), "-X", "heapsize=" + self.heap, "-c", BOOT],
             cwd=node.home,
             env=env,
-            stdout=node.log_file,
+            # A gateway on "USB serial": its console is a pipe the simulator reads gwlink
+            # messages from (and copies to its log); downlinks go to its stdin.
+            stdout=subprocess.PIPE if serial else node.log_file,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if serial else subprocess.DEVNULL,
         )
+        if serial:
+            os.set_blocking(node.proc.stdout.fileno(), False)
         node.waiting = None
 
     def _reaped(self, node):
@@ -327,37 +334,71 @@ class Fleet:
     def _drain_gateways(self):
         """Uplinks from gateway nodes: the LoRa frame goes to the receiver, stamped with the
         simulator's clock (the frame ended now); its ack goes back as a DOWNLINK for the node's
-        receive window, 2 s after the uplink ended (GATEWAY.md)."""
+        receive window, 2 s after the uplink ended (GATEWAY.md). Gateways speak over UDP, or
+        over their serial console (a pipe here), where the framing skips their log lines."""
         while True:
             try:
                 data, addr = self._gateways.recvfrom(4096)
             except BlockingIOError:
-                return
+                break
             deframer = self._deframers.setdefault(addr, gwlink.Deframer())
             for m in deframer.feed(data):
-                if not isinstance(m, gwlink.Uplink):
-                    continue
-                self.datagrams += 1
-                # The gateway stamps the end of reception; the frame left the node one time on
-                # air earlier, and its ages count from that moment (SPEC.md "Timing").
-                sent = self.now_ms / 1000 - m.airtime_us / 1e6
-                ack = self.receiver.datagram(bytes(m.payload), rx_time=sent)
-                gw = self._by_id.get(m.gw_id)
-                if gw is not None:
-                    gw.delivered = True  # its wait for the host's answer is over either way
-                if ack is None:
-                    continue
-                self.downlinks += 1
-                down = gwlink.Downlink(
-                    m.gw_id,
-                    self.downlinks & 0xFFFF,
-                    m.rx_ms + gwlink.RX_DELAY_MS,
-                    ACK_FREQ_KHZ,
-                    14,
-                    m.sf,
-                    ack,
-                )
-                self._gateways.sendto(gwlink.encode(down), addr)
+                self._gateway_message(m, lambda b, a=addr: self._gateways.sendto(b, a))
+        for node in self._by_id.values():
+            if node.proc is None or node.proc.stdin is None:
+                continue
+            data = self._read_console(node)
+            if data:
+                deframer = self._deframers.setdefault(node.spec.node_id, gwlink.Deframer())
+                for m in deframer.feed(data):
+                    self._gateway_message(m, lambda b, n=node: self._write_console(n, b))
+
+    def _read_console(self, node):
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(node.proc.stdout.fileno(), 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if data:
+            node.log_file.write(data.decode("utf-8", "replace"))
+        return data
+
+    def _write_console(self, node, data):
+        try:
+            node.proc.stdin.write(data)
+            node.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the gateway reset: the node will send again
+
+    def _gateway_message(self, m, reply):
+        if not isinstance(m, gwlink.Uplink):
+            return
+        self.datagrams += 1
+        # The gateway stamps the end of reception; the frame left the node one time on air
+        # earlier, and its ages count from that moment (SPEC.md "Timing").
+        sent = self.now_ms / 1000 - m.airtime_us / 1e6
+        ack = self.receiver.datagram(bytes(m.payload), rx_time=sent)
+        gw = self._by_id.get(m.gw_id)
+        if gw is not None:
+            gw.delivered = True  # its wait for the host's answer is over either way
+        if ack is None:
+            return
+        self.downlinks += 1
+        down = gwlink.Downlink(
+            m.gw_id,
+            self.downlinks & 0xFFFF,
+            m.rx_ms + gwlink.RX_DELAY_MS,
+            ACK_FREQ_KHZ,
+            14,
+            m.sf,
+            ack,
+        )
+        reply(gwlink.encode(down))
 
     def _bus(self, node, words):
         addr, reg = int(words[1]), int(words[2])

@@ -91,3 +91,16 @@ def test_two_gateways_hear_one_node_the_host_keeps_one_copy(tmp_path):
     assert len(stored_times(rows, 6)) == 30
     assert results[1000]["stats"]["forwarded"] > 0 and results[1001]["stats"]["forwarded"] > 0
     assert receiver.counters["rejected_duplicate"] > 0  # the second gateway's copies
+
+
+def test_gateway_on_usb_serial_shares_its_console_with_the_log(tmp_path):
+    # The gateway's gwlink messages go out on its console between its log lines: the host's
+    # framing skips the text and finds every message.
+    gw = gateway(1000, (0, 0))
+    gw.extra_config["uplink"] = "serial"
+    specs = [lora_node(7, (300, 0), n=30, offset=5), gw]
+    results, rows, _, _ = run(tmp_path, specs)
+    assert len(stored_times(rows, 7)) == 30
+    assert results[1000]["stats"]["forwarded"] >= 3
+    console = open(results[1000]["log"], errors="replace").read()
+    assert "gateway started" in console and "gateway stopped" in console

@@ -104,7 +104,10 @@ class Fleet:
         seq = self.seq[node]
         base = self.rng.randrange(1500, 2500)
         readings = [(base + i, 4000 + self.rng.randrange(100), 101000 + i) for i in range(10)]
-        ages = [60 * (PER_FRAME - 1 - i) for i in range(PER_FRAME)]
+        # a node's frames ten minutes apart, as nodes send them (the SQLite sink takes equal
+        # readings of one node within 1.5 s for the same reading sent again)
+        older = 600 * (5000 - seq)
+        ages = [older + 60 * (PER_FRAME - 1 - i) for i in range(PER_FRAME)]
         datagram = frame.encode_data(frame.Signer(NODES[node]), node, seq, BME, readings, ages)
         for _ in range(tries):
             self.sock.settimeout(timeout)
@@ -477,7 +480,7 @@ def test_udp_and_mqtt_sources_at_once(tmp_path, keys):
         rx.wait_for(r"mqtt-in .*: connected, subscribed", timeout=40)
         gateway = Subscriber(broker, ["gw/#"], client_id="gateway-2")
         signer = frame.Signer(NODES[3])
-        one = frame.encode_data(signer, 3, 1, BME, [(2150, 4500, 101325)], [0])
+        one = frame.encode_data(signer, 3, 1, BME, [(2150, 4500, 101325)], [600])
         gateway.client.publish("gw/lora-1/up", one, qos=1)
         wait_until(lambda: any(t == "gw/lora-1/up/ack" for t, _, _ in gateway.snapshot()))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -485,6 +488,8 @@ def test_udp_and_mqtt_sources_at_once(tmp_path, keys):
             udp.sendto(one, ("127.0.0.1", port))  # the same frame through the other source
             with pytest.raises(TimeoutError):
                 udp.recvfrom(512)
+            # sampled ten minutes after the first (equal values of one node within 1.5 s are the
+            # same reading sent again, to the SQLite sink)
             two = frame.encode_data(signer, 3, 2, BME, [(2160, 4500, 101325)], [0])
             udp.sendto(two, ("127.0.0.1", port))
             assert frame.decode_ack(udp.recvfrom(512)[0], signer).acked == [(2, 2)]

@@ -32,7 +32,9 @@ def rows(n, node_id=7, t0=1_700_000_000.0):
 
 def data_frame(seq, readings=None, ages=None):
     readings = readings or [(2150 + seq % 50, 4500, 101325)] * 3
-    ages = ages or [120, 60, 0]
+    # frames ten minutes apart, as a node sends them (equal readings of one node within 1.5 s
+    # are one reading sent again, to the SQLite sink)
+    ages = ages or [600 * (5000 - seq) + a for a in (120, 60, 0)]
     return frame.encode_data(frame.Signer(KEY7), 7, seq, BME, readings, ages)
 
 
