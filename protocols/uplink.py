@@ -131,9 +131,8 @@ def decode_data(buf, signer):
             g = r.ue() + 1
             _rice_deltas(r, k, g, value, n - 1, column)
             value = column[-1]
-        for v in column:
-            if v < _I32_MIN or v > _I32_MAX:
-                raise FrameError("structure", "value of channel %d overflows 32 bits" % ch)
+        if min(column) < _I32_MIN or max(column) > _I32_MAX:
+            raise FrameError("structure", "value of channel %d overflows 32 bits" % ch)
         columns.append(column)
     if not r.padding_ok():
         raise FrameError("structure", "unexpected bytes after the readings")
@@ -147,22 +146,28 @@ def _rice_deltas(r, k, g, value, count, column):
     The hot loop of decoding: BitReader.rice() inlined over local variables (CPython spends
     most of a 10-reading frame here)."""
     v = r.v
+    nv = ~v  # its bits inverted, once: leading ones of v are leading zeros of nv
     left = r.left
     kmask = (1 << k) - 1
+    wmask = (1 << (RICE_ESCAPE + 1)) - 1
     for _ in range(count):
-        window = RICE_ESCAPE + 1 if left > RICE_ESCAPE else left
-        head = (v >> (left - window)) & ((1 << window) - 1)
-        q = window - _bit_length(head ^ ((1 << window) - 1))  # leading one bits
+        if left > RICE_ESCAPE:
+            window = RICE_ESCAPE + 1
+            q = window - _bit_length((nv >> (left - window)) & wmask)  # leading one bits
+        else:
+            window = left
+            q = window - _bit_length(nv & ((1 << window) - 1))
         if q >= RICE_ESCAPE:
             r.v, r.left = v & ((1 << left) - 1), left
             z = r.rice(k)
             v, left = r.v, r.left
+            nv = ~v
         else:
             left -= q + 1 + k
             if left < 0:
                 raise FrameError("truncated", "frame ends inside its readings")
             z = (q << k) | ((v >> left) & kmask)
-        value += g * ((z >> 1) if not (z & 1) else -((z + 1) >> 1))
+        value += g * ((z >> 1) ^ -(z & 1))  # zigzag back to signed
         column.append(value)
     r.v = v & ((1 << left) - 1)
     r.left = left
