@@ -8,6 +8,7 @@ class UdpLink:
     """Frames as UDP datagrams to the host (Wi-Fi on real boards, loopback in simulation)."""
 
     NAME = "udp"
+    max_batch = 0  # a backlog goes out in frames of the configured batch
 
     def __init__(self, board, uplink, log):
         self.board = board
@@ -61,6 +62,9 @@ class LoraLink:
         self.rssi = 0
         self.snr = 0
         self.deferred = 0
+        # A backlog (after an outage, a deferral) goes out in frames of up to this many
+        # readings: about 100 bytes, still well inside raw LoRa's 255 (bench/airtime.py).
+        self.max_batch = lora.get("max_batch", 30)
 
     def up(self):
         return True

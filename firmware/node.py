@@ -35,6 +35,8 @@ class Node:
         self.sensor = None
         self.cycles = 0
         self.awake_ms_total = 0
+        self._misses = 0  # frames in a row that went unacknowledged
+        self._backoff = 0  # cycles to wait before the next try
         self.stats = {
             "sampled": 0,
             "sensor_faults": 0,
@@ -90,9 +92,16 @@ class Node:
 
     def send_pending(self, flush=False):
         """Send full batches (every reading if flush), oldest first; stop at the first one
-        that is not acknowledged: the rest waits in the journal for the next cycle."""
+        that is not acknowledged: the rest waits in the journal. After a frame goes
+        unacknowledged the node waits 1, 2, 4 ... 32 cycles (with jitter) before trying again,
+        and a backlog goes out in frames of up to the link's max_batch readings (a LoRa node
+        packs a backlog into fewer, longer frames: less airtime per reading)."""
         batch = self.cfg.batch
-        while len(self.journal) and (flush or len(self.journal) >= batch):
+        if self._backoff and not flush:
+            return False
+        if len(self.journal) > batch:
+            batch = min(len(self.journal), self.link.max_batch or batch)
+        while len(self.journal) and (flush or len(self.journal) >= self.cfg.batch):
             if not self.link.up():
                 self.log.warning("link", "down, keeping readings", pending=len(self.journal))
                 return False
@@ -187,8 +196,16 @@ class Node:
             self.log.info("link", "sent " + what, seq=seq, bytes=len(data))
         if self._await_ack(seq):
             self.stats["frames_acked"] += 1
+            self._misses = 0
             return True
-        self.log.warning("link", "no ack, will retry", seq=seq, pending=len(self.journal))
+        self._misses = min(self._misses + 1, 6)
+        # wait 2^(misses-1) - 1 cycles, less one half the time (jitter): 0, 0..1, 2..3 ... 31
+        self._backoff = (
+            (1 << (self._misses - 1)) - 1 - (self.cycles & 1 if self._misses > 1 else 0)
+        )
+        self.log.warning(
+            "link", "no ack, will retry", seq=seq, pending=len(self.journal), backoff=self._backoff
+        )
         return False
 
     def _await_ack(self, seq):
@@ -253,8 +270,10 @@ class Node:
             start = self.board.ticks_ms()
             self.sample()
             self.send_pending()
-            if status_due and self.send_status():
+            if status_due and not self._backoff and self.send_status():
                 status_due = False
+            if self._backoff:
+                self._backoff -= 1
             self.cycles += 1
             if self.cfg.status_every and self.cycles % self.cfg.status_every == 0:
                 status_due = True
