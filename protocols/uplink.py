@@ -47,6 +47,8 @@ STATUS_FIELDS = {
 class _BitReader:
     """MSB-first bit reader over buf[start:end], held as one integer of the unread bits."""
 
+    __slots__ = ("v", "left")
+
     def __init__(self, buf, start, end):
         self.v = int.from_bytes(bytes(buf[start:end]), "big")
         self.left = 8 * (end - start)  # bits not yet read
