@@ -50,7 +50,7 @@ def run():
 
     if cfg.link == "lora":
         from firmware.airtime import Governor
-        from firmware.links import LoraLink
+        from firmware.lora_link import LoraLink
 
         governor = Governor(board.ticks_ms, daily_budget_ms=cfg.airtime_budget_ms)
         link = LoraLink(board, cfg.lora, log, governor)  # type: object
