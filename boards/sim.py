@@ -79,8 +79,10 @@ class Board:
         transactions. Parsed in place: no strings to split."""
         self._control.sendto(request, self._control_addr)
         try:
-            # recv, not readinto: a stream read on a datagram socket waits to fill the buffer
-            rx = self._rx = self._control.recv(600)  # a heard LoRa frame: up to 255 B in hex
+            # recv, not readinto: a stream read on a datagram socket waits to fill the buffer.
+            # A heard LoRa frame ("RX" asked) is up to 255 bytes in hex; other replies are short.
+            size = 600 if request[:2] == b"RX" else 96
+            rx = self._rx = self._control.recv(size)
         except OSError:
             raise SimulationEnded("sim: no reply from the simulator to %r" % request)
         n = len(rx)
