@@ -2,7 +2,13 @@
 # the MicroPython unix port with a real board's heap.
 import json
 import os
+import queue
+import re
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +72,79 @@ def run_mp(board_build):
 
 def load_json(path):
     return json.loads(Path(path).read_text())
+
+
+class ReceiveProcess:
+    """`citynode receive` as a subprocess; its stderr read line by line on a thread."""
+
+    def __init__(self, *args, stdout=subprocess.DEVNULL):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "host_tools.cli", "receive", *map(str, args)],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        self.lines = queue.Queue()
+        self.seen = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stderr:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, pattern, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no %r on stderr; got:\n%s" % (pattern, "\n".join(self.seen)))
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def drain(self):
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                return "\n".join(self.seen)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tools():
+    """The MicroPython unix port and mpremote, or a skip that says they are missing."""
+    try:
+        return {"micropython": build.tool("micropython"), "mpremote": build.tool("mpremote")}
+    except build.BuildError as e:
+        pytest.skip("MicroPython unix port or mpremote missing (%s)" % e)
+
+
+@pytest.fixture
+def sim(tools, tmp_path):
+    """sim(image=None) starts a simulated board (citynode sim-board); all are stopped at the
+    end of the test."""
+    from host_tools.simboard import SimBoardProcess
+
+    boards = []
+
+    def start(image=None):
+        board = SimBoardProcess(image or tmp_path / "board.img")
+        boards.append(board)
+        return board
+
+    yield start
+    for board in boards:
+        board.stop()

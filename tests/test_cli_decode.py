@@ -2,8 +2,6 @@
 # output and errors (exit 2, one stderr line, never a traceback), and `receive` end to end.
 
 import json
-import os
-import queue
 import random
 import re
 import signal
@@ -11,11 +9,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ReceiveProcess
 
 from host_tools.keys import save_keys
 from protocols import frame
@@ -245,51 +243,11 @@ def test_receive_unopenable_sinks(keys, tmp_path):
     )
 
 
-class Daemon:
-    """`citynode receive` as a subprocess, its stderr read line by line on a thread."""
-
-    def __init__(self, *args):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "host_tools.cli", "receive", *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-            env=env,
-        )
-        self.lines = queue.Queue()
-        self.seen = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stderr:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, pattern, timeout=20.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("no %r on stderr; got %s" % (pattern, self.seen))
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            self.seen.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
 def test_receive_end_to_end(keys, tmp_path):
     db = tmp_path / "rx.db"
-    daemon = Daemon("--keys", keys, "--udp", "127.0.0.1:0", "--db", db, "--jsonl", "-")
+    daemon = ReceiveProcess(
+        "--keys", keys, "--udp", "127.0.0.1:0", "--db", db, "--jsonl", "-", stdout=subprocess.PIPE
+    )
     try:
         port = int(daemon.wait_for(r"listening on udp 127\.0\.0\.1:(\d+)").group(1))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:

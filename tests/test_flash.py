@@ -24,34 +24,10 @@ from hypothesis import strategies as st
 
 from host_tools import build, flash
 from host_tools.keys import load_keys, save_keys
-from host_tools.simboard import SimBoardProcess
 
 REPO = Path(__file__).resolve().parent.parent
 FW = flash.firmware_version()
 OTHER_KEY = bytes(range(16))
-
-
-@pytest.fixture(scope="module")
-def tools():
-    try:
-        return {"micropython": build.tool("micropython"), "mpremote": build.tool("mpremote")}
-    except build.BuildError as e:
-        pytest.skip("MicroPython unix port or mpremote missing (%s)" % e)
-
-
-@pytest.fixture
-def sim(tools, tmp_path):
-    """sim(image=None) starts a simulated board; all are stopped at the end of the test."""
-    boards = []
-
-    def start(image=None):
-        board = SimBoardProcess(image or tmp_path / "board.img")
-        boards.append(board)
-        return board
-
-    yield start
-    for board in boards:
-        board.stop()
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@
 # comes for a frame whose readings are already in SQLite.
 
 import json
-import os
-import queue
 import random
 import re
 import signal
@@ -14,11 +12,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ReceiveProcess as Receiver
 from test_sinks_http import WebhookServer
 from test_sinks_mqtt import Mosquitto, Subscriber
 
@@ -30,55 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 NODES = {n: bytes((n * 7 + i) % 256 for i in range(16)) for n in range(1, 6)}
 BME = (1, 2, 3)
 PER_FRAME = 10  # readings per frame, 3 quantities each
-
-
-class Receiver:
-    """`citynode receive` as a subprocess; its stderr read line by line on a thread."""
-
-    def __init__(self, *args):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "host_tools.cli", "receive", *map(str, args)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-            env=env,
-        )
-        self.lines = queue.Queue()
-        self.seen = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stderr:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, pattern, timeout=20.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("no %r on stderr; got:\n%s" % (pattern, "\n".join(self.seen)))
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            self.seen.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def drain(self):
-        while True:
-            try:
-                self.seen.append(self.lines.get_nowait())
-            except queue.Empty:
-                return "\n".join(self.seen)
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
 
 
 class Fleet:

@@ -16,28 +16,6 @@ from host_tools.simboard import DEFAULT_HEAP, SimBoardError, SimBoardProcess, pa
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tools():
-    try:
-        return {"micropython": build.tool("micropython"), "mpremote": build.tool("mpremote")}
-    except build.BuildError as e:
-        pytest.skip("MicroPython unix port or mpremote missing (%s)" % e)
-
-
-@pytest.fixture
-def sim(tools, tmp_path):
-    boards = []
-
-    def start(image=None):
-        board = SimBoardProcess(image or tmp_path / "board.img")
-        boards.append(board)
-        return board
-
-    yield start
-    for board in boards:
-        board.stop()
-
-
 def mpremote(port, *args, check=True, timeout=30):
     proc = subprocess.run(
         [build.tool("mpremote"), "connect", port, *map(str, args)],
