@@ -284,6 +284,8 @@ class Node:
         self.send_pending(flush=True)
         self.stats["pending"] = len(self.journal)
         self.stats["dropped"] = self.journal.dropped
+        # awake time per cycle on the board's clock (simulated: sensor conversion, radio, acks)
+        self.stats["awake_ms_per_cycle"] = self.awake_ms_total // max(1, self.cycles)
         governor = getattr(self.link, "governor", None)
         if governor is not None:
             self.stats["airtime_ms"] = governor.airtime_ms

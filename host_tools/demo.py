@@ -177,6 +177,7 @@ def summarize(specs, results, receiver, db, elapsed):
         "frames_accepted": counters.get("frames_accepted", 0),
         "frames_rejected": rejected,
         "status_frames_sent": status_sent,
+        "awake_ms_per_cycle": max((s.get("awake_ms_per_cycle", 0) for s in stats), default=0),
         "status_frames_accepted": counters.get("status_accepted", 0),
         "node_resets": sum(r.get("resets", 0) for r in results),
         "uplink_bytes": uplink_bytes,
@@ -206,8 +207,8 @@ def render(summary):
         ),
         "  frames:   %d sent, %d accepted, %d rejected"
         % (summary["frames_sent"], summary["frames_accepted"], summary["frames_rejected"]),
-        "  uplink:   %d bytes, %s bytes per reading"
-        % (summary["uplink_bytes"], summary["bytes_per_reading"]),
+        "  uplink:   %d bytes, %s bytes per reading; awake %d ms a cycle (the longest node)"
+        % (summary["uplink_bytes"], summary["bytes_per_reading"], summary["awake_ms_per_cycle"]),
         "  largest difference stored - sensed: %.2f degC, %.2f %%RH, %.4f hPa, %.3f s"
         % (d["temperature_c"], d["humidity_pct"], d["pressure_hpa"], summary["max_ts_error_s"]),
         "  readings in %s (table readings)" % summary["db"],
