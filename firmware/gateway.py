@@ -10,6 +10,11 @@ from protocols import gwlink
 FW_VERSION = "0.2.0"
 _LISTEN_MS = 4000  # one receive window, shorter than any watchdog timeout (RP2040: 8.4 s)
 _DOWNLINK_WAIT_MS = 1000  # how long to wait for the host's answer to an uplink
+_TX_MARGIN_MS = 20  # stop listening this long before an ack is due
+
+
+def _tx_at(m):
+    return m.tx_at_ms
 
 
 class Gateway:
@@ -36,15 +41,22 @@ class Gateway:
 
     def run(self, wdt=None):
         self.log.info("gateway", "started", gw=self.gw_id, fw=FW_VERSION, board=self.board.NAME)
+        self.queue = []  # downlinks waiting for their node's receive window, soonest first
         while True:
             if wdt is not None:
                 wdt.feed()
-            pkt = self.modem.recv(timeout_ms=_LISTEN_MS)
+            # Listen until the next ack is due, not through it: the radio hears other nodes
+            # during the 2 s a node waits for its ack (GATEWAY.md "Timing").
+            timeout = _LISTEN_MS
+            if self.queue:
+                timeout = max(0, min(timeout, self.queue[0].tx_at_ms - self.board.ticks_ms()))
+            pkt = self.modem.recv(timeout_ms=timeout) if timeout else None
             if getattr(self.modem, "ended", False):
                 break  # only a simulated world ends
-            if pkt is None:
-                continue
-            self.forward(pkt)
+            if pkt is not None:
+                self.forward(pkt)
+            while self.queue and self.queue[0].tx_at_ms <= self.board.ticks_ms() + _TX_MARGIN_MS:
+                self.transmit(self.queue.pop(0))
         self.log.info("gateway", "stopped", **self.stats)
 
     def forward(self, pkt):
@@ -93,7 +105,8 @@ class Gateway:
                 return
             for m in self.deframer.feed(data):
                 if isinstance(m, gwlink.Downlink):
-                    self.transmit(m)
+                    self.queue.append(m)
+                    self.queue.sort(key=_tx_at)
 
     def transmit(self, m):
         now = self.board.ticks_ms()
