@@ -4,10 +4,10 @@
 
 import sys
 
+from firmware import FW_VERSION
 from firmware.airtime import Governor
 from protocols import gwlink
 
-FW_VERSION = "0.2.0"
 _LISTEN_MS = 4000  # one receive window, shorter than any watchdog timeout (RP2040: 8.4 s)
 _DOWNLINK_WAIT_MS = 1000  # how long to wait for the host's answer to an uplink
 _TX_MARGIN_MS = 20  # stop listening this long before an ack is due

@@ -4,7 +4,7 @@
 
 import gc
 
-from firmware import bme280
+from firmware import FW_VERSION, bme280
 from protocols import frame
 
 try:
@@ -15,8 +15,9 @@ except ImportError:
         return x
 
 
-FW_VERSION = "0.2.0"
-FW_VERSION_INT = const(200)  # major * 10000 + minor * 100 + patch (SPEC.md, status field 7)
+_major, _minor, _patch = FW_VERSION.split(".")
+# major * 10000 + minor * 100 + patch (SPEC.md, status field 7)
+FW_VERSION_INT = int(_major) * 10000 + int(_minor) * 100 + int(_patch)
 _MAX_AGE_MS = const(0x7FFFFFFF)
 
 

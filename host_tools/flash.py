@@ -143,8 +143,9 @@ def board_def(name, root=build.ROOT):
 
 
 def firmware_version(root=build.ROOT):
-    """FW_VERSION from firmware/node.py (read, not imported: it is MicroPython code)."""
-    path = Path(root) / "firmware" / "node.py"
+    """FW_VERSION from firmware/__init__.py (read, not imported: the host does not import
+    firmware)."""
+    path = Path(root) / "firmware" / "__init__.py"
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "FW_VERSION":
             return ast.literal_eval(node.value)
