@@ -66,12 +66,16 @@ class _Node:
     addr: tuple = None
     boot_ms: int = 0
     row: int = 0  # index of the next row the sensor will sense
-    waiting: str = None  # "S", "C" or "R" while blocked on the simulator
+    waiting: str = None  # "B", "S", "C", "R", "T" or "L" while blocked on the simulator
     deadline_ms: int = 0
     delivered: bool = False  # a downlink arrived for it while it waited
     ended: bool = False
     booted: bool = False
     resets: int = 0
+    home: Path = None  # its filesystem (a folder)
+    log_file: object = None  # its serial console, kept
+    bme280: SimBME280 = None  # the chip on its I2C bus, None if absent
+    i2c: SimI2C = None
 
 
 class Fleet:
