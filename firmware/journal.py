@@ -76,31 +76,6 @@ def _strerror(e):
     return "%s (errno %d)" % (_ERRNAMES.get(n, "OSError"), n)
 
 
-def _entries(path):
-    """(name, size) of each file in path: os.ilistdir on MicroPython, os.scandir on CPython."""
-    if hasattr(os, "ilistdir"):
-        for entry in os.ilistdir(path):
-            name = entry[0]
-            if len(entry) > 3 and entry[3] >= 0:
-                size = entry[3]
-            else:  # VfsPosix gives no size
-                size = os.stat(path + "/" + name)[6]
-            yield name, size
-    else:
-        for dirent in os.scandir(path):
-            yield dirent.name, dirent.stat().st_size
-
-
-def _parse(name):
-    """('r' or 's', index) for journal file names, else (None, 0)."""
-    if len(name) != 9 or name[0] not in "rs":
-        return None, 0
-    try:
-        return name[0], int(name[1:], 16)
-    except ValueError:
-        return None, 0
-
-
 class Journal:
     """Readings waiting for the host's acknowledgement, on flash, oldest first.
 
@@ -157,17 +132,9 @@ class Journal:
     def _segment(self, base):
         return "%s/s%08x" % (self.path, base)
 
-    def _info(self, message, **fields):
+    def _log(self, level, message, **fields):
         if self.log is not None:
-            self.log.info("journal", message, **fields)
-
-    def _warn(self, message, **fields):
-        if self.log is not None:
-            self.log.warning("journal", message, **fields)
-
-    def _error(self, message, **fields):
-        if self.log is not None:
-            self.log.error("journal", message, **fields)
+            getattr(self.log, level)("journal", message, **fields)
 
     def _crc(self, index, data):
         struct.pack_into("<I", self._ibuf, 0, index & 0xFFFFFFFF)
@@ -267,55 +234,6 @@ class Journal:
         if self._next % self._t == 0:
             self._merge()
 
-    def _fix_tail(self):
-        """Make the small file that the next record goes to hold exactly the records before
-        it: cut off a torn record, or pad a missing part with unreadable filler records."""
-        rec = self._rec
-        nxt = self._next
-        base = nxt - nxt % self._t
-        name = self._small(base)
-        want = (nxt - base) * rec
-        try:
-            size = os.stat(name)[6]
-        except OSError as e:
-            if _errno(e) != _ENOENT:
-                raise JournalError("journal: cannot stat %s: %s" % (name, _strerror(e)), _errno(e))
-            size = 0
-        if size != want:
-            self._warn("repairing small file", file=name, bytes=size, expected=want)
-            try:
-                self._rewrite(name, want)
-            except OSError as e:
-                raise JournalError(
-                    "journal: cannot repair %s: %s" % (name, _strerror(e)), _errno(e)
-                )
-        self._tail_ok = True
-
-    def _rewrite(self, name, size):
-        """Rewrite `name` to `size` bytes (whole records): keep what is there, pad with 0xFF."""
-        rec = self._rec
-        buf = self._buf
-        tmp = name + ".tmp"
-        try:
-            src = open(name, "rb")
-        except OSError as e:
-            if _errno(e) != _ENOENT:
-                raise
-            src = None
-        try:
-            with open(tmp, "wb") as out:
-                done = 0
-                while done < size:
-                    n = src.readinto(buf) if src is not None else 0
-                    for k in range(n or 0, rec):
-                        buf[k] = 0xFF
-                    out.write(buf)
-                    done += rec
-        finally:
-            if src is not None:
-                src.close()
-        os.rename(tmp, name)
-
     # --- merge small files into a segment --------------------------------------------------
 
     def _merge(self):
@@ -360,7 +278,7 @@ class Journal:
             os.rename(tmp, name)
         except OSError as e:
             # Not fatal: the readings are safe in the small files; try again after T more.
-            self._warn("merge failed, will retry", file=name, errno=_errno(e))
+            self._log("warning", "merge failed, will retry", file=name, errno=_errno(e))
             try:
                 self._remove(tmp)
             except OSError:
@@ -463,11 +381,11 @@ class Journal:
         if found or not bad or end != self._next:
             return
         self.corrupt += bad
-        self._error("skipped unreadable readings", n=bad, first=self._pos, last=end - 1)
+        self._log("error", "skipped unreadable readings", n=bad, first=self._pos, last=end - 1)
         try:
             self._advance(end, 0)
         except JournalError as e:
-            self._error("cannot skip them", error=str(e))
+            self._log("error", "cannot skip them", error=str(e))
 
     def ack(self, n):
         """The n oldest readings (as peek returned them) reached the host: forget them.
@@ -478,7 +396,7 @@ class Journal:
         end, found, bad = self._walk(n, None, False)
         if bad:
             self.corrupt += bad
-            self._error("skipped unreadable readings", n=bad, first=old, last=end - 1)
+            self._log("error", "skipped unreadable readings", n=bad, first=old, last=end - 1)
         self._advance(end, 0)
 
     def _drop(self, n):
@@ -527,7 +445,9 @@ class Journal:
         try:
             self._delete_range(old, pos)
         except OSError as e:
-            self._warn("cannot remove acknowledged files, next boot will", errno=_errno(e))
+            self._log(
+                "warning", "cannot remove acknowledged files, next boot will", errno=_errno(e)
+            )
 
     def _delete_range(self, old, pos):
         """Remove files whose records all lie below pos (those from index old on)."""
@@ -541,28 +461,31 @@ class Journal:
             self._remove(self._small(base))
             base += t
 
-    # --- telemetry -----------------------------------------------------------------------
+    # --- telemetry and repair (code in journal_boot, loaded when needed) -----------------
 
     def stats(self):
-        small = segments = size = 0
-        for name, n in _entries(self.path):
-            size += n
-            kind = _parse(name)[0]
-            if kind == "s":
-                segments += 1
-            elif kind == "r":
-                small += 1
-        return {
-            "pending": self._next - self._pos,
-            "dropped": self.dropped,
-            "corrupt": self.corrupt,
-            "capacity": self.capacity,
-            "segments": segments,
-            "small_files": small,
-            "bytes": size,
-            "first": self._pos,
-            "next": self._next,
-            "merges": self.merges,
-            "cleaned": self.cleaned,
-            "record_bytes": self._rec,
-        }
+        """Counters and what is on flash (pending, dropped, corrupt, segments, bytes ...)."""
+        return _boot_code().stats(self)
+
+    def _fix_tail(self):
+        try:
+            _boot_code().fix_tail(self)
+        finally:
+            _forget_boot_code()  # a repair is rare: its code leaves the heap again
+
+
+def _boot_code():
+    from firmware import journal_boot
+
+    return journal_boot
+
+
+def _forget_boot_code():
+    import sys
+
+    if sys.implementation.name == "micropython":
+        import firmware
+
+        sys.modules.pop("firmware.journal_boot", None)
+        if hasattr(firmware, "journal_boot"):
+            delattr(firmware, "journal_boot")

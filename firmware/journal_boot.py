@@ -1,5 +1,7 @@
-# Opening a journal at boot: read its state, scan its files, remove leftovers of a power cut.
-# Kept apart from journal.py so that this code leaves the heap once the node runs (main.py).
+# Opening a journal at boot: read its state, scan its files, remove leftovers of a power cut;
+# and what a running journal needs only rarely (repairing a small file after a failed write,
+# stats()). Kept apart from journal.py so that this code leaves the heap once the node runs
+# (main.py); the journal imports it again when it needs it.
 
 import binascii
 import os
@@ -9,9 +11,7 @@ from firmware.journal import (
     _MAGIC,
     _STATE_FMT,
     JournalError,
-    _entries,
     _errno,
-    _parse,
     _strerror,
 )
 
@@ -45,7 +45,8 @@ def boot(self):
     if state is None:
         pos = max(oldest, 0)
         if files:
-            self._error(
+            self._log(
+                "error",
                 "state lost, re-sending every stored reading; dropped count restarts",
                 first=pos,
             )
@@ -70,7 +71,12 @@ def boot(self):
             pos = end
     self._pos = pos
     self._next = max(end, pos)
-    self._info(
+    try:
+        fix_tail(self)  # now, while this code is loaded, not at the first append
+    except JournalError as e:
+        self._log("error", "cannot repair the newest small file, will retry", error=str(e))
+    self._log(
+        "info",
         "opened",
         pending=self._next - self._pos,
         dropped=self.dropped,
@@ -92,10 +98,12 @@ def _scan(self, report):
         if kind == "r" and base % t == 0:
             count = size // rec
             if size % rec and report:
-                self._warn("torn record in small file", file=path, bytes=size % rec)
+                self._log("warning", "torn record in small file", file=path, bytes=size % rec)
             if count > t:
                 if report:
-                    self._error("small file too long, extra records ignored", file=path, n=count)
+                    self._log(
+                        "error", "small file too long, extra records ignored", file=path, n=count
+                    )
                 count = t
             first = base
             last = base + count
@@ -110,7 +118,7 @@ def _scan(self, report):
             continue
         else:
             if report and name not in ("state0", "state1"):
-                self._warn("unknown file left alone", file=path)
+                self._log("warning", "unknown file left alone", file=path)
             continue
         files += 1
         end = max(end, last)
@@ -130,8 +138,11 @@ def _check_segment(self, name, base, size, report):
     except OSError as e:
         first, problem = base + self._s, "unreadable (%s)" % _strerror(e)
     if problem and report:
-        self._error(
-            "bad segment, records checked one by one", file=self.path + "/" + name, why=problem
+        self._log(
+            "error",
+            "bad segment, records checked one by one",
+            file=self.path + "/" + name,
+            why=problem,
         )
     return first
 
@@ -167,7 +178,7 @@ def _read_state(self):
         if best is None or gen > best[2]:
             best = (pos, dropped, gen)
     for name in bad:
-        self._warn("state copy unreadable, using the other one", file=name)
+        self._log("warning", "state copy unreadable, using the other one", file=name)
     if best is None:
         return None
     self._gen = best[2]
@@ -199,5 +210,109 @@ def _clean(self):
                 self._remove(self.path + "/" + name)
                 self.cleaned += 1
             except OSError as e:
-                self._warn("cannot remove leftover", file=self.path + "/" + name, errno=_errno(e))
+                self._log(
+                    "warning",
+                    "cannot remove leftover",
+                    file=self.path + "/" + name,
+                    errno=_errno(e),
+                )
                 return
+
+
+def _entries(path):
+    """(name, size) of each file in path: os.ilistdir on MicroPython, os.scandir on CPython."""
+    if hasattr(os, "ilistdir"):
+        for entry in os.ilistdir(path):
+            name = entry[0]
+            if len(entry) > 3 and entry[3] >= 0:
+                size = entry[3]
+            else:  # VfsPosix gives no size
+                size = os.stat(path + "/" + name)[6]
+            yield name, size
+    else:
+        for dirent in os.scandir(path):
+            yield dirent.name, dirent.stat().st_size
+
+
+def _parse(name):
+    """('r' or 's', index) for journal file names, else (None, 0)."""
+    if len(name) != 9 or name[0] not in "rs":
+        return None, 0
+    try:
+        return name[0], int(name[1:], 16)
+    except ValueError:
+        return None, 0
+
+
+def fix_tail(self):
+    """Make the small file that the next record goes to hold exactly the records before
+    it: cut off a torn record, or pad a missing part with unreadable filler records."""
+    rec = self._rec
+    nxt = self._next
+    base = nxt - nxt % self._t
+    name = self._small(base)
+    want = (nxt - base) * rec
+    try:
+        size = os.stat(name)[6]
+    except OSError as e:
+        if _errno(e) != _ENOENT:
+            raise JournalError("journal: cannot stat %s: %s" % (name, _strerror(e)), _errno(e))
+        size = 0
+    if size != want:
+        self._log("warning", "repairing small file", file=name, bytes=size, expected=want)
+        try:
+            _rewrite(self, name, want)
+        except OSError as e:
+            raise JournalError("journal: cannot repair %s: %s" % (name, _strerror(e)), _errno(e))
+    self._tail_ok = True
+
+
+def _rewrite(self, name, size):
+    """Rewrite `name` to `size` bytes (whole records): keep what is there, pad with 0xFF."""
+    rec = self._rec
+    buf = self._buf
+    tmp = name + ".tmp"
+    try:
+        src = open(name, "rb")
+    except OSError as e:
+        if _errno(e) != _ENOENT:
+            raise
+        src = None
+    try:
+        with open(tmp, "wb") as out:
+            done = 0
+            while done < size:
+                n = src.readinto(buf) if src is not None else 0
+                for k in range(n or 0, rec):
+                    buf[k] = 0xFF
+                out.write(buf)
+                done += rec
+    finally:
+        if src is not None:
+            src.close()
+    os.rename(tmp, name)
+
+
+def stats(self):
+    small = segments = size = 0
+    for name, n in _entries(self.path):
+        size += n
+        kind = _parse(name)[0]
+        if kind == "s":
+            segments += 1
+        elif kind == "r":
+            small += 1
+    return {
+        "pending": self._next - self._pos,
+        "dropped": self.dropped,
+        "corrupt": self.corrupt,
+        "capacity": self.capacity,
+        "segments": segments,
+        "small_files": small,
+        "bytes": size,
+        "first": self._pos,
+        "next": self._next,
+        "merges": self.merges,
+        "cleaned": self.cleaned,
+        "record_bytes": self._rec,
+    }

@@ -223,26 +223,19 @@ class Node:
 
     def _handle_ack(self, data, seq):
         try:
-            if frame.peek(data)[2] != self.cfg.node_id:
-                return False  # on LoRa every node hears every ack: not ours, not an error
-        except frame.FrameError:
-            pass  # decode_ack says what is wrong
-        try:
-            ack = frame.decode_ack(data, self.signer)
+            _, host_time, acked = frame.decode_ack(data, self.signer, self.cfg.node_id)
         except frame.FrameError as e:
+            if e.reason == "other_node":
+                return False  # on LoRa every node hears every ack: not ours, not an error
             self.stats["acks_rejected"] += 1
             self.log.warning("link", "ack rejected", reason=e.reason, detail=str(e))
             return False
-        if ack.node_id != self.cfg.node_id:
-            self.stats["acks_rejected"] += 1
-            self.log.warning("link", "ack for another node", node=ack.node_id)
-            return False
-        for first, last in ack.acked:
+        for first, last in acked:
             if first <= seq <= last:
                 # Only an ack of the frame just sent is fresh enough to set the clock by.
-                step = self.clock.sync(ack.host_time, self.board.ticks_ms())
+                step = self.clock.sync(host_time, self.board.ticks_ms())
                 if step is not None:
-                    self.log.info("clock", "synced to host", utc=ack.host_time, step_ms=step)
+                    self.log.info("clock", "synced to host", utc=host_time, step_ms=step)
                 return True
         self.stats["acks_rejected"] += 1
         self.log.warning("link", "ack does not cover the frame sent", seq=seq)

@@ -21,7 +21,7 @@ from pathlib import Path
 from boards.sim_bme280 import SimBME280, SimI2C
 from host_tools import build
 from host_tools.air import Medium
-from protocols import frame, gwlink
+from protocols import frame, gwlink, uplink
 
 BOOT = "from firmware import main; main.run()"
 # The node's MicroPython heap. 80 KB on this 64-bit unix port, where pointers and object
@@ -440,7 +440,7 @@ class Fleet:
                 continue
             self._uplink.sendto(ack, addr)
             try:
-                node = self._by_id.get(frame.peek(ack)[2])
+                node = self._by_id.get(uplink.peek(ack)[2])
             except frame.FrameError:
                 node = None
             if node is not None:

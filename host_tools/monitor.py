@@ -209,7 +209,7 @@ class FrameDecoder:
     keys: {node_id: (key, ...)} (current key first, then a rotated-out key still in its grace
     period: keys.load_accepted_keys); default_key: used for any node (a single-key file); both
     empty: frames are named from their header only, not verified. Decoding goes through
-    protocols/ (frame.peek, uplink.decode), never a second parser."""
+    protocols/ (uplink.peek, uplink.decode), never a second parser."""
 
     def __init__(self, keys=None, default_key=None, keys_path=None):
         self.keys = dict(keys or {})
@@ -243,7 +243,7 @@ class FrameDecoder:
         """A JSON-ready dict: {"bytes", "type", "node_id", ...} and either the decoded content
         or "error"."""
         try:
-            _, ftype, node_id = frame.peek(buf)
+            _, ftype, node_id = uplink.peek(buf)
         except frame.FrameError as e:
             return {"bytes": len(buf), "error": str(e), "error_kind": "not_a_frame"}
         result = {
@@ -283,14 +283,14 @@ class FrameDecoder:
 
 def _frame_content(decoded):
     if isinstance(decoded, uplink.DataFrame):
-        quantities = [frame.quantity(ch) for ch in decoded.channels]
+        quantities = [uplink.quantity(ch) for ch in decoded.channels]
         readings = []
         for raw_values, age in zip(decoded.readings, decoded.ages, strict=True):
             pairs = zip(quantities, raw_values, strict=True)
             values = {name: raw / scale for (name, scale), raw in pairs}
             readings.append({"age_s": age, "values": values})
         return {"seq": decoded.seq, "readings": readings}
-    if isinstance(decoded, frame.Ack):
+    if isinstance(decoded, uplink.Ack):
         return {"host_time": decoded.host_time, "acked": [list(r) for r in decoded.acked]}
     fields = {uplink.STATUS_FIELDS.get(f, "field_%d" % f): v for f, v in decoded.fields.items()}
     return {"seq": decoded.seq, "fields": fields}

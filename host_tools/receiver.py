@@ -109,7 +109,7 @@ class Verifier:
         """The verified DataFrame (or Status: health frames share the DATA seq space, SPEC.md),
         or raise Rejected."""
         try:
-            _, ftype, node_id = frame.peek(datagram)
+            _, ftype, node_id = uplink.peek(datagram)
         except frame.FrameError as e:
             raise Rejected(e.reason, str(e)) from None
         if node_id not in self.keys:
@@ -156,7 +156,7 @@ class Verifier:
 def iter_readings(data, rx_time):
     """(age_s, ts, quantity, value) for each value of a DataFrame received at rx_time (unix
     seconds, UTC); ts rounded to milliseconds."""
-    quantities = [frame.quantity(ch) for ch in data.channels]
+    quantities = [uplink.quantity(ch) for ch in data.channels]
     for raw_values, age in zip(data.readings, data.ages, strict=True):
         ts = round(rx_time - age, 3)
         for (name, scale), raw in zip(quantities, raw_values, strict=True):
@@ -277,7 +277,7 @@ class Receiver:
     def _accept(self, received, rx_time):
         self.verifier.accept(received)
         signer = self.verifier.signer(received.node_id)
-        return frame.encode_ack(
+        return uplink.encode_ack(
             signer, received.node_id, int(rx_time), [(received.seq, received.seq)]
         )
 

@@ -59,14 +59,6 @@ class FrameError(ValueError):
         self.reason = reason
 
 
-def quantity(ch):
-    """(name, scale) of a channel id; unknown ids are carried as raw integers."""
-    entry = CHANNELS.get(ch)
-    if entry is None:
-        return ("channel_%d" % ch, 1)
-    return (entry[0], entry[1])
-
-
 def _channel_coding(ch):
     entry = CHANNELS.get(ch)
     return _GENERIC if entry is None else (entry[2], entry[3])
@@ -190,10 +182,6 @@ def _zigzag(v):
     return (v << 1) if v >= 0 else ((-v << 1) - 1)
 
 
-def _unzigzag(z):
-    return (z >> 1) if not (z & 1) else -((z + 1) >> 1)
-
-
 def _put_varint(buf, pos, value):
     while True:
         byte = value & 0x7F
@@ -231,14 +219,6 @@ def _check_u32(value, what):
 
 
 # --- frames -----------------------------------------------------------------------------
-
-try:
-    from collections import namedtuple
-except ImportError:  # pragma: no cover - very small ports
-    from ucollections import namedtuple
-
-Ack = namedtuple("Ack", ("node_id", "host_time", "acked"))
-
 
 def _header(buf, ftype, node_id, seq):
     buf[0] = (VERSION << 4) | ftype
@@ -395,38 +375,15 @@ def _check_frame(buf, ftype_expected=None):
     return ftype
 
 
-def peek(buf):
-    """(version, frame type, node id) from the header, unverified: for picking the key."""
-    ftype = _check_frame(buf)
-    node_id, _ = _get_varint(buf, 1, len(buf) - TAG_LEN, "node id")
-    return VERSION, ftype, node_id
-
-
-def encode_ack(signer, node_id, host_time, acked):
-    """Signed ACK frame: host_time in unix seconds (UTC), acked a list of inclusive
-    (first_seq, last_seq) ranges, sorted and disjoint."""
-    _check_u32(node_id, "node_id")
-    _check_u32(host_time, "host_time")
-    if len(acked) > 32:
-        raise ValueError("an ack carries at most 32 ranges, got %d" % len(acked))
-    buf = bytearray(16 + 32 * 10)  # header, time, count, 32 ranges of two varints
-    pos = _header(buf, TYPE_ACK, node_id, None)
-    pos = _put_varint(buf, pos, host_time)
-    pos = _put_varint(buf, pos, len(acked))
-    nxt = 0
-    for first, last in acked:
-        _check_u32(first, "acked seq")
-        _check_u32(last, "acked seq")
-        if first < nxt or last < first:
-            raise ValueError("ack ranges must be sorted, disjoint and first <= last")
-        pos = _put_varint(buf, pos, first - nxt)
-        pos = _put_varint(buf, pos, last - first)
-        nxt = last + 1
-    return _finish(signer, buf, pos)
-
-
-def decode_ack(buf, signer):
+def decode_ack(buf, signer, node_id=None):
+    """Verify and decode an ACK frame: (node id, host time, acked ranges). With node_id, an
+    ack addressed to another node raises FrameError("other_node") before the tag is computed
+    (on LoRa every node hears every ack)."""
     _check_frame(buf, TYPE_ACK)
+    if node_id is not None:
+        to, _ = _get_varint(buf, 1, len(buf) - TAG_LEN, "node id")
+        if to != node_id:
+            raise FrameError("other_node", "ack for node %d" % to)
     end = signer.verify(buf)
     node_id, pos = _get_varint(buf, 1, end, "node id")
     host_time, pos = _get_varint(buf, pos, end, "host time")
@@ -446,7 +403,7 @@ def decode_ack(buf, signer):
         nxt = last + 1
     if pos != end:
         raise FrameError("structure", "unexpected bytes after the ack ranges")
-    return Ack(node_id, host_time, acked)
+    return node_id, host_time, acked
 
 
 def encode_status(signer, node_id, seq, fields):

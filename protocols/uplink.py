@@ -1,34 +1,42 @@
 # citynode frame codec, format v1, the part a host needs: verify and decode DATA and STATUS
-# frames (uplink), and any frame by type. Shares every primitive with frame.py; see SPEC.md.
+# frames (uplink), any frame by type, read a frame's header unverified (peek) and encode ACKs.
+# Shares every primitive with frame.py (the node's half); see SPEC.md.
 
 try:
     from collections import namedtuple
 except ImportError:  # pragma: no cover - very small ports
     from ucollections import namedtuple
 
+from protocols import frame as _frame
 from protocols.frame import (
     _I32_MAX,
     _I32_MIN,
     _INTERVALS,
     BME280_CHANNELS,
+    CHANNELS,
     MAX_READINGS,
     MAX_U32,
     MAX_UE_ZEROS,
     RICE_ESCAPE,
+    TAG_LEN,
     TYPE_ACK,
     TYPE_DATA,
     TYPE_STATUS,
+    VERSION,
     FrameError,
     _bit_length,
     _channel_coding,
     _check_frame,
+    _check_u32,
+    _finish,
     _get_varint,
-    _unzigzag,
-    decode_ack,
+    _header,
+    _put_varint,
 )
 
 DataFrame = namedtuple("DataFrame", ("node_id", "seq", "channels", "readings", "ages"))
 Status = namedtuple("Status", ("node_id", "seq", "fields"))
+Ack = namedtuple("Ack", ("node_id", "host_time", "acked"))
 
 # Status frame fields (SPEC.md "Status frame"): id -> name.
 STATUS_FIELDS = {
@@ -42,6 +50,53 @@ STATUS_FIELDS = {
     8: "sensor_faults",
     9: "uptime_s",
 }
+
+
+def quantity(ch):
+    """(name, scale) of a channel id; unknown ids are carried as raw integers."""
+    entry = CHANNELS.get(ch)
+    if entry is None:
+        return ("channel_%d" % ch, 1)
+    return (entry[0], entry[1])
+
+
+def _unzigzag(z):
+    return (z >> 1) if not (z & 1) else -((z + 1) >> 1)
+
+
+def peek(buf):
+    """(version, frame type, node id) from the header, unverified: for picking the key."""
+    ftype = _check_frame(buf)
+    node_id, _ = _get_varint(buf, 1, len(buf) - TAG_LEN, "node id")
+    return VERSION, ftype, node_id
+
+
+def decode_ack(buf, signer):
+    """Verify and decode an ACK frame (frame.decode_ack, as an Ack)."""
+    return Ack(*_frame.decode_ack(buf, signer))
+
+
+def encode_ack(signer, node_id, host_time, acked):
+    """Signed ACK frame: host_time in unix seconds (UTC), acked a list of inclusive
+    (first_seq, last_seq) ranges, sorted and disjoint."""
+    _check_u32(node_id, "node_id")
+    _check_u32(host_time, "host_time")
+    if len(acked) > 32:
+        raise ValueError("an ack carries at most 32 ranges, got %d" % len(acked))
+    buf = bytearray(16 + 32 * 10)  # header, time, count, 32 ranges of two varints
+    pos = _header(buf, TYPE_ACK, node_id, None)
+    pos = _put_varint(buf, pos, host_time)
+    pos = _put_varint(buf, pos, len(acked))
+    nxt = 0
+    for first, last in acked:
+        _check_u32(first, "acked seq")
+        _check_u32(last, "acked seq")
+        if first < nxt or last < first:
+            raise ValueError("ack ranges must be sorted, disjoint and first <= last")
+        pos = _put_varint(buf, pos, first - nxt)
+        pos = _put_varint(buf, pos, last - first)
+        nxt = last + 1
+    return _finish(signer, buf, pos)
 
 
 class _BitReader:

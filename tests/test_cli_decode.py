@@ -16,7 +16,7 @@ import pytest
 from conftest import ReceiveProcess
 
 from host_tools.keys import save_keys
-from protocols import frame
+from protocols import frame, uplink
 
 REPO = Path(__file__).resolve().parent.parent
 KEY7 = bytes(range(16))
@@ -105,7 +105,7 @@ def test_decode_with_a_single_key_file(tmp_path):
 
 
 def test_decode_ack(keys):
-    ack = frame.encode_ack(frame.Signer(KEY7), 7, RX_TIME, [(3, 5), (9, 9)])
+    ack = uplink.encode_ack(frame.Signer(KEY7), 7, RX_TIME, [(3, 5), (9, 9)])
     result = run("decode", ack.hex(), "--keys", keys)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
@@ -256,7 +256,7 @@ def test_receive_end_to_end(keys, tmp_path):
             daemon.wait_for(r"frame rejected reason=\w+ node=- len=11: ")
             client.sendto(data_frame(seq=5, ages=[30]), ("127.0.0.1", port))
             ack, _ = client.recvfrom(1024)
-        assert frame.decode_ack(ack, frame.Signer(KEY7)).acked == [(5, 5)]
+        assert uplink.decode_ack(ack, frame.Signer(KEY7)).acked == [(5, 5)]
         daemon.proc.send_signal(signal.SIGUSR1)
         daemon.wait_for(r"counters: .*frames_accepted=1 ")
         daemon.proc.send_signal(signal.SIGINT)
@@ -271,7 +271,7 @@ def test_receive_end_to_end(keys, tmp_path):
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT node_id, ts, quantity, value FROM readings").fetchall()
     assert sorted(r[2] for r in rows) == ["humidity_pct", "pressure_hpa", "temperature_c"]
-    ack_time = frame.decode_ack(ack, frame.Signer(KEY7)).host_time
+    ack_time = uplink.decode_ack(ack, frame.Signer(KEY7)).host_time
     assert all(abs(r[1] - (ack_time - 30)) <= 1 for r in rows)  # ts = receive time - age
     assert [json.loads(line)["quantity"] for line in out.splitlines()] == [
         "temperature_c",

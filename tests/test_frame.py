@@ -9,12 +9,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from protocols import frame
+from protocols import frame, uplink
 
-try:  # the host half of the codec (decode DATA and STATUS, and any frame by type)
-    from protocols import uplink as decoders
-except ImportError:  # before the split, frame.py held both halves
-    decoders = frame
+decoders = uplink  # the host half of the codec
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
 _spec = importlib.util.spec_from_file_location("make_vectors", VECTORS / "make_vectors.py")
@@ -31,7 +28,7 @@ BME = (1, 2, 3)
 DECODERS = {
     "any": decoders.decode,
     "data": decoders.decode_data,
-    "ack": frame.decode_ack,
+    "ack": uplink.decode_ack,
     "status": decoders.decode_status,
 }
 
@@ -75,7 +72,7 @@ def test_data_vector_encodes_to_its_bytes_and_back(case):
         case["node_id"], case["seq"], tuple(case["channels"]), readings, case["ages"]
     )
     assert decoders.decode_data(got, signer) == decoded
-    assert frame.peek(got) == (1, frame.TYPE_DATA, case["node_id"])
+    assert uplink.peek(got) == (1, frame.TYPE_DATA, case["node_id"])
 
 
 def test_single_reading_size_is_as_spec_says():
@@ -88,10 +85,10 @@ def test_single_reading_size_is_as_spec_says():
 def test_ack_vector_encodes_to_its_bytes_and_back(case):
     signer = signer_of(case)
     acked = [tuple(r) for r in case["acked"]]
-    got = frame.encode_ack(signer, case["node_id"], case["host_time"], acked)
+    got = uplink.encode_ack(signer, case["node_id"], case["host_time"], acked)
     assert got.hex() == case["frame"]
-    want = frame.Ack(case["node_id"], case["host_time"], acked)
-    assert frame.decode_ack(got, signer) == want
+    want = uplink.Ack(case["node_id"], case["host_time"], acked)
+    assert uplink.decode_ack(got, signer) == want
     assert decoders.decode(got, signer) == want
 
 
@@ -195,7 +192,7 @@ def test_data_round_trip(args):
     assert decoders.decode(buf, SIGNER) == decoders.DataFrame(
         node_id, seq, tuple(channels), readings, ages
     )
-    assert frame.peek(buf) == (1, frame.TYPE_DATA, node_id)
+    assert uplink.peek(buf) == (1, frame.TYPE_DATA, node_id)
 
 
 @settings(PROPS, max_examples=100)
@@ -278,13 +275,13 @@ def ack_ranges(draw):
 @given(u32, u32, ack_ranges())
 def test_ack_round_trip(node_id, host_time, acked):
     try:
-        buf = frame.encode_ack(SIGNER, node_id, host_time, acked)
+        buf = uplink.encode_ack(SIGNER, node_id, host_time, acked)
     except FrameError as e:
         assert e.reason == "too_long"
         return
     assert len(buf) <= frame.MAX_FRAME
-    assert frame.decode_ack(buf, SIGNER) == frame.Ack(node_id, host_time, acked)
-    assert frame.peek(buf) == (1, frame.TYPE_ACK, node_id)
+    assert uplink.decode_ack(buf, SIGNER) == uplink.Ack(node_id, host_time, acked)
+    assert uplink.peek(buf) == (1, frame.TYPE_ACK, node_id)
 
 
 @settings(max_examples=300, deadline=None)
@@ -297,7 +294,7 @@ def test_status_round_trip(node_id, seq, fields):
         return
     assert len(buf) <= frame.MAX_FRAME
     assert decoders.decode_status(buf, SIGNER) == decoders.Status(node_id, seq, fields)
-    assert frame.peek(buf) == (1, frame.TYPE_STATUS, node_id)
+    assert uplink.peek(buf) == (1, frame.TYPE_STATUS, node_id)
 
 
 def test_status_that_fits_is_not_too_long():
@@ -402,7 +399,7 @@ def test_encode_data_rejects_bad_arguments(changes, message):
 )
 def test_encode_ack_rejects_bad_arguments(args, message):
     with pytest.raises(ValueError) as e:
-        frame.encode_ack(SIGNER, *args)
+        uplink.encode_ack(SIGNER, *args)
     assert type(e.value) is ValueError
     assert str(e.value) == message
 

@@ -12,12 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from protocols import frame
+from protocols import frame, uplink
 
-try:
-    from protocols import uplink as decoders
-except ImportError:  # before the split, frame.py held both halves
-    decoders = frame
+decoders = uplink
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors"
 _spec = importlib.util.spec_from_file_location("make_vectors", VECTORS / "make_vectors.py")
@@ -29,26 +26,19 @@ I32_MIN = -(1 << 31)
 I32_MAX = (1 << 31) - 1
 
 # Runs on MicroPython. Each input line is a case with a "do": encode a DATA/ACK/STATUS frame
-# and decode it back, or decode an invalid frame and report the reason. A decoder that does not
-# import is reported per case ("unavailable"), so that the encoder is still checked.
+# and decode it back, or decode an invalid frame and report the reason.
 MP_SCRIPT = """
 import gc
 import json
 import sys
 from protocols import frame
-try:
-    from protocols import uplink as dec
-    unavailable = None
-except ImportError as e:
-    dec = frame if hasattr(frame, "decode_data") else None  # before the split
-    unavailable = None if dec else "protocols.uplink does not import: %s" % e
-DECODERS = {"ack": frame.decode_ack}
-if dec:
-    DECODERS.update({"any": dec.decode, "data": dec.decode_data, "status": dec.decode_status})
+from protocols import uplink as dec
+DECODERS = {"ack": dec.decode_ack, "any": dec.decode, "data": dec.decode_data,
+            "status": dec.decode_status}
 
 
 def plain(d):
-    if isinstance(d, frame.Ack):
+    if isinstance(d, dec.Ack):
         return [d.node_id, d.host_time, [list(r) for r in d.acked]]
     if isinstance(d, dec.Status):
         return [d.node_id, d.seq, sorted([fid, v] for fid, v in d.fields.items())]
@@ -67,7 +57,7 @@ while True:
             buf = frame.encode_data(signer, c["node_id"], c["seq"], c["channels"],
                                     [tuple(r) for r in c["readings"]], c["ages"])
         elif c["do"] == "ack":
-            buf = frame.encode_ack(signer, c["node_id"], c["host_time"],
+            buf = dec.encode_ack(signer, c["node_id"], c["host_time"],
                                    [tuple(r) for r in c["acked"]])
         elif c["do"] == "status":
             fields = {}
@@ -79,10 +69,7 @@ while True:
         if c["do"] != "invalid":
             out["frame"] = buf.hex()
         how = c.get("decode") or ("ack" if c["do"] == "ack" else "any")
-        if how in DECODERS:
-            out["decoded"] = plain(DECODERS[how](buf, signer))
-        else:
-            out["unavailable"] = unavailable
+        out["decoded"] = plain(DECODERS[how](buf, signer))
     except frame.FrameError as e:
         out["reason"] = e.reason
         out["message"] = str(e)
@@ -105,7 +92,6 @@ def run_cases(run_mp, cases):
 
 def decoded(r):
     """MicroPython's decoding in a result, failing clearly if it could not decode at all."""
-    assert "unavailable" not in r, r["unavailable"]
     assert "reason" not in r, r
     return r["decoded"]
 
@@ -157,7 +143,6 @@ def test_invalid_vectors_are_rejected_alike_on_micropython(run_mp):
     results = run_cases(run_mp, cases)
     for c in cases:
         r = results[c["name"]]
-        assert "unavailable" not in r, r["unavailable"]
         assert r.get("reason") == c["reason"], (c["name"], r)
 
 

@@ -381,7 +381,7 @@ def test_end_to_end_into_sqlite_and_the_ack_back_to_the_node(gw, tmp_path):
         gw.send(gwlink.encode(gwlink.Uplink(3, 1, 1_000_000, air_us, 868100, -97, 30, 9, 1, data)))
         wait_for(lambda: gw.messages(), what="the ack")
         (down,) = gw.messages()
-        ack = frame.decode_ack(down.payload, signer)
+        ack = uplink.decode_ack(down.payload, signer)
         assert ack.node_id == 17 and ack.acked == [(5, 5)]
         assert down.tx_at_ms == 1_000_000 + gwlink.RX_DELAY_MS and down.gw_id == 3
         rows = (

@@ -24,7 +24,7 @@ from firmware import log as fwlog  # the formatter the nodes run: the parser's o
 from host_tools import cli
 from host_tools import monitor as m
 from host_tools.keys import NodeKeys, Registry, load_accepted_keys, save_registry
-from protocols import frame
+from protocols import frame, uplink
 
 REPO = Path(__file__).resolve().parent.parent
 KEY7 = bytes(range(16))
@@ -483,7 +483,7 @@ def test_hex_that_is_not_a_frame():
 def test_status_and_ack_frames():
     decoder = m.FrameDecoder({7: (KEY7,)})
     status = frame.encode_status(frame.Signer(KEY7), 7, 4, {1: 3, 3: 51200, 9: 86400})
-    ack = frame.encode_ack(frame.Signer(KEY7), 7, 1_750_000_000, [(0, 3), (5, 5)])
+    ack = uplink.encode_ack(frame.Signer(KEY7), 7, 1_750_000_000, [(0, 3), (5, 5)])
     out = fed(b"status %s\nack %s\n" % (status.hex().encode(), ack.hex().encode()), frames=decoder)
     assert out.splitlines() == [
         "status " + status.hex(),
@@ -621,7 +621,7 @@ def test_pty_that_goes_away(tmp_path):
 MP_NODE_SCRIPT = """
 import binascii
 from firmware import log
-from protocols import frame
+from protocols import frame, uplink
 t = [540011]
 node_log = log.Log(lambda: t[0], level=log.DEBUG)
 f = frame.encode_data(frame.Signer(bytes(range(16))), 7, 3, (1, 2, 3),

@@ -15,7 +15,7 @@ from host_tools import weather
 from host_tools.fleet import NODE_HEAP, Fleet, NodeSpec
 from host_tools.receiver import Receiver, Verifier
 from host_tools.sinks import SqliteSink
-from protocols import frame
+from protocols import frame, uplink
 
 KEY = bytes(range(16))
 START = 1782864000
@@ -113,8 +113,8 @@ class ForgeFirstAcks:
         ack = self.receiver.datagram(data)
         if ack is not None and self.n > 0:
             self.n -= 1
-            a = frame.decode_ack(ack, self.receiver.verifier.signer(frame.peek(ack)[2]))
-            return frame.encode_ack(frame.Signer(bytes(16)), a.node_id, a.host_time, a.acked)
+            a = uplink.decode_ack(ack, self.receiver.verifier.signer(uplink.peek(ack)[2]))
+            return uplink.encode_ack(frame.Signer(bytes(16)), a.node_id, a.host_time, a.acked)
         return ack
 
     def __getattr__(self, name):
@@ -297,10 +297,10 @@ class RewriteAck:
         self.count += 1
         if self.count != self.n:
             return ack
-        signer = self.receiver.verifier.signer(frame.peek(ack)[2])
-        a = frame.decode_ack(ack, signer)
+        signer = self.receiver.verifier.signer(uplink.peek(ack)[2])
+        a = uplink.decode_ack(ack, signer)
         host_time, acked = self.edit(a)
-        return frame.encode_ack(signer, a.node_id, host_time, acked)
+        return uplink.encode_ack(signer, a.node_id, host_time, acked)
 
     def __getattr__(self, name):
         return getattr(self.receiver, name)
@@ -357,7 +357,7 @@ class StatusHeap:
         from protocols import uplink
 
         if data[0] & 0x0F == frame.TYPE_STATUS:
-            signer = self.receiver.verifier.signer(frame.peek(data)[2])
+            signer = self.receiver.verifier.signer(uplink.peek(data)[2])
             self.free.append(uplink.decode_status(data, signer).fields[3])
         return self.receiver.datagram(data)
 

@@ -22,7 +22,7 @@ from test_sinks_mqtt import Mosquitto, Subscriber
 
 from host_tools.keys import save_keys
 from host_tools.sinks import reading_id
-from protocols import frame
+from protocols import frame, uplink
 
 REPO = Path(__file__).resolve().parent.parent
 NODES = {n: bytes((n * 7 + i) % 256 for i in range(16)) for n in range(1, 6)}
@@ -64,7 +64,7 @@ class Fleet:
             try:
                 while True:
                     reply, _ = self.sock.recvfrom(512)
-                    ack = frame.decode_ack(reply, frame.Signer(NODES[node]))
+                    ack = uplink.decode_ack(reply, frame.Signer(NODES[node]))
                     if ack.acked == [(seq, seq)]:
                         break
             except TimeoutError:
@@ -441,9 +441,9 @@ def test_udp_and_mqtt_sources_at_once(tmp_path, keys):
             # same reading sent again, to the SQLite sink)
             two = frame.encode_data(signer, 3, 2, BME, [(2160, 4500, 101325)], [0])
             udp.sendto(two, ("127.0.0.1", port))
-            assert frame.decode_ack(udp.recvfrom(512)[0], signer).acked == [(2, 2)]
+            assert uplink.decode_ack(udp.recvfrom(512)[0], signer).acked == [(2, 2)]
         (topic, ack, _) = [m for m in gateway.snapshot() if m[0].endswith("/ack")][0]
-        assert frame.decode_ack(ack, signer).acked == [(1, 1)]
+        assert uplink.decode_ack(ack, signer).acked == [(1, 1)]
         assert rx.stop() == 0
         final = rx.wait_for(r"^citynode: final counters: (.*)$").group(1)
     finally:
@@ -606,7 +606,7 @@ def test_serve_and_udp_source_on_real_sockets(tmp_path):
                 client.sendto(one_frame(4, seq, 2000 + seq), sockets[seq % 2].getsockname())
             acked = set()
             while len(acked) < 60:
-                ack = frame.decode_ack(client.recvfrom(512)[0], frame.Signer(NODES[4]))
+                ack = uplink.decode_ack(client.recvfrom(512)[0], frame.Signer(NODES[4]))
                 acked.add(ack.acked[0][0])
     finally:
         stop.set()

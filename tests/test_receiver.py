@@ -147,10 +147,10 @@ def test_valid_frame_stored_with_receive_time_minus_age_then_acked(receiver, db_
         (7, RX_TIME - 120, "temperature_c", 21.5),
     ]
     assert rows[-1] == (7, RX_TIME, "temperature_c", 21.71)
-    decoded = frame.decode_ack(ack, frame.Signer(KEY7))
-    assert decoded == frame.Ack(7, int(RX_TIME), [(42, 42)])
+    decoded = uplink.decode_ack(ack, frame.Signer(KEY7))
+    assert decoded == uplink.Ack(7, int(RX_TIME), [(42, 42)])
     with pytest.raises(frame.FrameError):
-        frame.decode_ack(ack, frame.Signer(KEY8))  # signed with the node's own key
+        uplink.decode_ack(ack, frame.Signer(KEY8))  # signed with the node's own key
     assert receiver.counters == {"frames_accepted": 1, "readings_accepted": 3}
 
 
@@ -220,7 +220,7 @@ def test_unknown_node(receiver):
 
 
 def test_ack_frame_sent_to_host_is_rejected(receiver):
-    ack = frame.encode_ack(frame.Signer(KEY7), 7, 1, [(1, 1)])
+    ack = uplink.encode_ack(frame.Signer(KEY7), 7, 1, [(1, 1)])
     assert receiver.datagram(ack) is None
     assert receiver.counters == {"rejected_unsupported_type": 1}
 
@@ -229,7 +229,7 @@ def test_status_frame_logged_acked_and_shares_the_seq_window(receiver, caplog, d
     status = frame.encode_status(frame.Signer(KEY7), 7, 20, {3: 51200, 1: 4, 42: -1})
     with caplog.at_level(logging.INFO, logger="citynode.receiver"):
         ack = receiver.datagram(status)
-    assert frame.decode_ack(ack, frame.Signer(KEY7)).acked == [(20, 20)]
+    assert uplink.decode_ack(ack, frame.Signer(KEY7)).acked == [(20, 20)]
     assert caplog.messages == ["status node=7 seq=20 boot_count=4 free_heap=51200 field_42=-1"]
     assert receiver.counters == {"status_accepted": 1}
     assert stored(db_path) == []
@@ -336,7 +336,7 @@ def test_sink_failure_means_no_ack_and_retransmission_accepted(db_path, caplog):
     assert "sink failed node=7 seq=7: OSError" in caplog.text
     assert stored(db_path) == []
     ack = r.datagram(datagram)  # the node retransmits, having had no ack
-    assert frame.decode_ack(ack, frame.Signer(KEY7)).acked == [(7, 7)]
+    assert uplink.decode_ack(ack, frame.Signer(KEY7)).acked == [(7, 7)]
     assert len(stored(db_path)) == 9
     assert r.datagram(datagram) is None
     assert r.counters["rejected_duplicate"] == 1
@@ -449,11 +449,11 @@ def exchange(client, addr, datagram, timeout=5.0):
 def test_udp_frame_acked_after_storage(udp_server, client, receiver, db_path):
     assert exchange(client, udp_server, b"\x00garbage", timeout=0.3) is None
     ack = exchange(client, udp_server, data_frame(seq=3))
-    assert frame.decode_ack(ack, frame.Signer(KEY7)).acked == [(3, 3)]
+    assert uplink.decode_ack(ack, frame.Signer(KEY7)).acked == [(3, 3)]
     assert len(stored(db_path)) == 9  # durable by the time the ack arrived
     assert exchange(client, udp_server, data_frame(seq=3), timeout=0.3) is None  # duplicate
     ack = exchange(client, udp_server, data_frame(node_id=8, seq=1))
-    assert frame.decode_ack(ack, frame.Signer(KEY8)).node_id == 8
+    assert uplink.decode_ack(ack, frame.Signer(KEY8)).node_id == 8
     assert receiver.counters["frames_accepted"] == 2
     assert receiver.counters["acks_sent"] == 2
     assert receiver.counters["rejected_duplicate"] == 1

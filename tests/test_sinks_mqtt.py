@@ -20,7 +20,7 @@ from host_tools.mqtt import MqttSink, MqttSource, MqttUrl, ha_discovery
 from host_tools.receiver import Intake, Receiver, Verifier, serve
 from host_tools.sinks import DeliveryError, SinkError, reading_id, reading_json
 from host_tools.spool import Spool
-from protocols import frame
+from protocols import frame, uplink
 
 KEY7 = bytes(range(16))
 ROWS = [
@@ -363,7 +363,7 @@ def test_source_frames_in_acks_out(broker, tmp_path):
     acks = [(t, p) for t, p, _ in gateway.snapshot() if t.endswith("/ack")]
     assert len(acks) == 1
     assert acks[0][0] in ("gw/a/up/ack", "gw/b/up/ack")
-    assert frame.decode_ack(acks[0][1], frame.Signer(KEY7)).acked == [(11, 11)]
+    assert uplink.decode_ack(acks[0][1], frame.Signer(KEY7)).acked == [(11, 11)]
     assert receiver.counters["frames_accepted"] == 1
     assert receiver.counters["acks_sent"] == 1
     assert source.counters["mqtt_messages"] == 3  # its own ack was not taken for a frame

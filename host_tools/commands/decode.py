@@ -74,7 +74,7 @@ class _FrameDecoder:
     def decode(self, text):
         buf = _parse_hex(text)
         try:
-            _, _, node_id = frame.peek(buf)
+            _, _, node_id = uplink.peek(buf)
         except frame.FrameError as e:
             raise CliError(str(e)) from None
         signer = self._signer(node_id)
@@ -102,7 +102,7 @@ class _FrameDecoder:
                 }
                 for age, ts, name, value in iter_readings(decoded, self.rx_time)
             ]
-        if isinstance(decoded, frame.Ack):
+        if isinstance(decoded, uplink.Ack):
             return [
                 {
                     "type": "ack",

@@ -26,7 +26,7 @@ ROOT = HERE.parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from protocols import frame  # noqa: E402
+from protocols import frame, uplink  # noqa: E402
 
 # Keys: a counting key, and the FIPS-197 AES example key, both easy to recognise in a hex dump.
 KEY = bytes(range(16))
@@ -442,7 +442,7 @@ def batch_cases():
 
 
 def ack_case(name, node_id, host_time, acked, key=KEY, note=None):
-    got = frame.encode_ack(frame.Signer(key), node_id, host_time, acked)
+    got = uplink.encode_ack(frame.Signer(key), node_id, host_time, acked)
     body = bytes([0x12]) + varint(node_id) + varint(host_time) + varint(len(acked))
     nxt = 0
     for first, last in acked:
