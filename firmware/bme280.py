@@ -58,48 +58,36 @@ class SensorError(Exception):
     """
 
 
-class Calibration:
-    """Trimming parameters dig_T1..dig_H6 as Python ints (section 4.2.2, Table 16)."""
+try:
+    from collections import namedtuple
+except ImportError:  # pragma: no cover - very small ports
+    from ucollections import namedtuple
 
-    def __init__(
-        self,
-        dig_T1,
-        dig_T2,
-        dig_T3,
-        dig_P1,
-        dig_P2,
-        dig_P3,
-        dig_P4,
-        dig_P5,
-        dig_P6,
-        dig_P7,
-        dig_P8,
-        dig_P9,
-        dig_H1,
-        dig_H2,
-        dig_H3,
-        dig_H4,
-        dig_H5,
-        dig_H6,
-    ):
-        self.dig_T1 = dig_T1
-        self.dig_T2 = dig_T2
-        self.dig_T3 = dig_T3
-        self.dig_P1 = dig_P1
-        self.dig_P2 = dig_P2
-        self.dig_P3 = dig_P3
-        self.dig_P4 = dig_P4
-        self.dig_P5 = dig_P5
-        self.dig_P6 = dig_P6
-        self.dig_P7 = dig_P7
-        self.dig_P8 = dig_P8
-        self.dig_P9 = dig_P9
-        self.dig_H1 = dig_H1
-        self.dig_H2 = dig_H2
-        self.dig_H3 = dig_H3
-        self.dig_H4 = dig_H4
-        self.dig_H5 = dig_H5
-        self.dig_H6 = dig_H6
+# Trimming parameters dig_T1..dig_H6 as Python ints (section 4.2.2, Table 16). A tuple, not an
+# object with a dict: 160 bytes where the heap may have no 512-byte hole left to give.
+Calibration = namedtuple(
+    "Calibration",
+    (
+        "dig_T1",
+        "dig_T2",
+        "dig_T3",
+        "dig_P1",
+        "dig_P2",
+        "dig_P3",
+        "dig_P4",
+        "dig_P5",
+        "dig_P6",
+        "dig_P7",
+        "dig_P8",
+        "dig_P9",
+        "dig_H1",
+        "dig_H2",
+        "dig_H3",
+        "dig_H4",
+        "dig_H5",
+        "dig_H6",
+    ),
+)
 
 
 def _s8(b):

@@ -18,6 +18,8 @@ def _tx_at(m):
 
 
 class Gateway:
+    ROLE = "gateway"  # the log's subsystem for what main.py reports
+
     def __init__(self, cfg, board, log):
         self.board = board
         self.log = log

@@ -22,6 +22,8 @@ _MAX_AGE_MS = const(0x7FFFFFFF)
 
 
 class Node:
+    ROLE = "node"  # the log's subsystem for what main.py reports
+
     def __init__(self, cfg, board, log, sequence, journal, link, clock, boot):
         self.cfg = cfg
         self.board = board
