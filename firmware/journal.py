@@ -294,7 +294,7 @@ class Journal:
 
     # --- read and acknowledge --------------------------------------------------------------
 
-    def _walk(self, n, rows, into):
+    def _walk(self, n, rows):
         """Visit up to n readable records from the oldest unacknowledged one, in order, and
         put them in rows. Returns (index after the last visited record, readable, unreadable)."""
         i = self._pos
@@ -341,12 +341,7 @@ class Journal:
                         i = end
                         break
                     if self._valid(i):
-                        if into:
-                            row = rows[found]
-                            v = struct.unpack_from(self._fmt, buf)
-                            for k in range(len(v)):
-                                row[k] = v[k]
-                        elif rows is not None:
+                        if rows is not None:
                             v = struct.unpack_from(self._fmt, buf)
                             rows.append((v[0], v[1], v[2:]))
                         found += 1
@@ -364,15 +359,8 @@ class Journal:
         Unreadable records (bad CRC, missing file) are skipped, so the list can be shorter
         than len(); ack() counts and logs them when it passes them."""
         rows = []
-        self._skip_unreadable(self._walk(n, rows, False))
+        self._skip_unreadable(self._walk(n, rows))
         return rows
-
-    def peek_into(self, rows):
-        """peek() into preallocated rows: a list of lists of 2 + record_channels items, each
-        filled with boot, ms, values...; returns how many rows were filled."""
-        walked = self._walk(len(rows), rows, True)
-        self._skip_unreadable(walked)
-        return walked[1]
 
     def _skip_unreadable(self, walked):
         """If every waiting record is unreadable, forget them now: a node that waits for
@@ -393,7 +381,7 @@ class Journal:
         if n <= 0:
             return
         old = self._pos
-        end, found, bad = self._walk(n, None, False)
+        end, found, bad = self._walk(n, None)
         if bad:
             self.corrupt += bad
             self._log("error", "skipped unreadable readings", n=bad, first=old, last=end - 1)

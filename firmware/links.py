@@ -3,6 +3,13 @@
 # gateway node of ours in lora_link.py (a module of its own: a Wi-Fi node does not load it).
 
 
+# Longest downlink a node reads. The host acks one frame at a time (one range: at most 22
+# bytes); 64 bytes take an ack of up to four ranges (SPEC.md "ACK frame"). A smaller read
+# than MAX_FRAME because recv() allocates its whole buffer, and late in a long run the heap
+# may have no 256-byte hole left (a MemoryError and a reset, in a 68 KB heap).
+_ACK_MAX = 64
+
+
 class UdpLink:
     """Frames as UDP datagrams to the host (Wi-Fi on real boards, loopback in simulation)."""
 
@@ -37,6 +44,6 @@ class UdpLink:
         if self.sock is None or not self.board.wait_readable(self.sock, timeout_ms):
             return None
         try:
-            return self.sock.recv(256)
+            return self.sock.recv(_ACK_MAX)
         except OSError:
             return None

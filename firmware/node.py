@@ -34,7 +34,7 @@ class Node:
         self.clock = clock
         self.boot = boot  # (boot count, reset cause)
         self.signer = frame.Signer(cfg.key)
-        self._frame_buf = bytearray(frame.MAX_FRAME)  # allocated once: the heap fragments
+        self._frame_buf = bytearray(frame.STATUS_BUF)  # allocated once: the heap fragments
         self.sensor = None
         self.cycles = 0
         self.awake_ms_total = 0
@@ -183,7 +183,7 @@ class Node:
             9: self.board.ticks_ms() // 1000,
         }
         seq = self.seq.take()
-        data = frame.encode_status(self.signer, self.cfg.node_id, seq, fields)
+        data = frame.encode_status(self.signer, self.cfg.node_id, seq, fields, self._frame_buf)
         return self._transmit(data, seq, "status", 0)
 
     def _transmit(self, data, seq, what, n):

@@ -25,10 +25,14 @@ from protocols import frame, gwlink, uplink
 
 BOOT = "from firmware import main; main.run()"
 # The node's MicroPython heap. 80 KB on this 64-bit unix port, where pointers and object
-# headers are twice a 32-bit board's: less than an ESP32's ~100 KB free heap holds (FIELD.md).
-# The node with its flash journal runs 10 000 cycles in 72 KB here but fails to boot in 64 KB;
-# 80 KB leaves room for the littlefs buffers of a real filesystem (bench/RESULTS.md).
+# headers are twice a 32-bit board's: less than an ESP32's ~100 KB free heap holds (FIELD.md);
+# it leaves room for the littlefs buffers of a real filesystem (bench/RESULTS.md).
+# NODE_MIN_HEAP: the heap tests/test_node.py runs 10 000 cycles in. Here the node runs them in
+# 70K; in 68K it runs a simulated day but then a fragmented heap has no 128-byte hole left
+# (bench/node_cycle.py); 72K keeps 2 KB of margin for other machines' heap layouts. Issue 3
+# asks for 64K: not met.
 NODE_HEAP = "80K"
+NODE_MIN_HEAP = "72K"
 LORA_NODE_HEAP = "96K"  # + the airtime governor and the radio (micropython-lib's on a board)
 ACK_FREQ_KHZ = 869525  # acks in the 10 % sub-band (FIELD.md), where the nodes listen for them
 RESET_EXIT = 3  # boards/sim.py: the node asked for a reset (crash, watchdog, machine.reset)

@@ -26,6 +26,7 @@ KEY_LEN = const(16)
 TAG_LEN = const(4)
 MAX_FRAME = const(255)  # raw LoRa's largest payload; the same bound on every link
 MAX_READINGS = const(255)
+STATUS_BUF = const(271)  # MAX_FRAME + 16: encode_status writes one field past the limit, then checks
 MAX_U32 = const(0xFFFFFFFF)
 _I32_MIN = -(1 << 31)
 _I32_MAX = (1 << 31) - 1
@@ -406,11 +407,13 @@ def decode_ack(buf, signer, node_id=None):
     return node_id, host_time, acked
 
 
-def encode_status(signer, node_id, seq, fields):
-    """Signed STATUS frame: fields a dict {field id: signed int} (see STATUS_FIELDS)."""
+def encode_status(signer, node_id, seq, fields, buf=None):
+    """Signed STATUS frame: fields a dict {field id: signed int} (see uplink.STATUS_FIELDS).
+    buf: a bytearray of at least STATUS_BUF bytes to build it in (a node allocates it once)."""
     _check_u32(node_id, "node_id")
     _check_u32(seq, "seq")
-    buf = bytearray(MAX_FRAME + 16)
+    if buf is None or len(buf) < STATUS_BUF:
+        buf = bytearray(STATUS_BUF)
     pos = _header(buf, TYPE_STATUS, node_id, seq)
     pos = _put_varint(buf, pos, len(fields))
     for fid in sorted(fields):

@@ -97,25 +97,6 @@ print(json.dumps(r))
     assert s["small_files"] == 5 and s["segments"] == 0  # 0..23 in files of 5; 4 is unacked
 
 
-def test_peek_into_fills_preallocated_rows(run_mp):
-    out = mp(
-        run_mp,
-        """
-mount()
-j = Journal("/fl/journal", log=LOG)
-for k in range(7):
-    j.append(*reading(k))
-rows = [[0] * 5 for _ in range(4)]
-same = [id(r) for r in rows]
-n = j.peek_into(rows)
-print(json.dumps({"n": n, "rows": rows, "same": same == [id(r) for r in rows]}))
-""",
-    )
-    r = last_json(out)
-    assert r["n"] == 4 and r["same"]
-    assert r["rows"] == [[1, k * 60000, k, -k, 100000 + k] for k in range(4)]
-
-
 def test_full_journal_drops_oldest_counts_and_persists(run_mp):
     out = mp(
         run_mp,

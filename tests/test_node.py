@@ -12,7 +12,7 @@ import pytest
 from conftest import shared_trace
 
 from host_tools import weather
-from host_tools.fleet import NODE_HEAP, Fleet, NodeSpec
+from host_tools.fleet import NODE_HEAP, NODE_MIN_HEAP, Fleet, NodeSpec
 from host_tools.receiver import Receiver, Verifier
 from host_tools.sinks import SqliteSink
 from protocols import frame, uplink
@@ -21,9 +21,11 @@ KEY = bytes(range(16))
 START = 1782864000
 
 
-def run_fleet(tmp_path, specs, wrap=None):
+def run_fleet(tmp_path, specs, wrap=None, heap=NODE_HEAP):
     sink = SqliteSink(tmp_path / "readings.db")
-    fleet = Fleet(tmp_path / "fleet", specs, receiver=None, build_dir=tmp_path / "build")
+    fleet = Fleet(
+        tmp_path / "fleet", specs, receiver=None, heap=heap, build_dir=tmp_path / "build"
+    )
     receiver = Receiver(Verifier({s.node_id: s.key for s in specs}), sink, clock=fleet.clock)
     fleet.receiver = wrap(receiver) if wrap else receiver
     try:
@@ -365,7 +367,7 @@ class StatusHeap:
         return getattr(self.receiver, name)
 
 
-def test_ten_thousand_cycles_in_the_node_heap_without_growth(tmp_path):
+def test_ten_thousand_cycles_in_the_smallest_node_heap_without_growth(tmp_path):
     rows = generated(10000)
     spec = NodeSpec(16, KEY, rows, 60, 10, {"status_every": 1000})
     probe = {}
@@ -374,7 +376,7 @@ def test_ten_thousand_cycles_in_the_node_heap_without_growth(tmp_path):
         probe["p"] = StatusHeap(r)
         return probe["p"]
 
-    results, stored, _ = run_fleet(tmp_path, [spec], wrap=wrap)
+    results, stored, _ = run_fleet(tmp_path, [spec], wrap=wrap, heap=NODE_MIN_HEAP)
     free = probe["p"].free
     assert results[0]["resets"] == 0 and results[0]["stats"]["sampled"] == 10000
     assert len(free) == 10  # at boot, then every 1 000 cycles
