@@ -26,7 +26,8 @@ KEY_LEN = const(16)
 TAG_LEN = const(4)
 MAX_FRAME = const(255)  # raw LoRa's largest payload; the same bound on every link
 MAX_READINGS = const(255)
-STATUS_BUF = const(271)  # MAX_FRAME + 16: encode_status writes one field past the limit, then checks
+# encode_status writes one field past MAX_FRAME, then checks: its buffer is MAX_FRAME + 16
+STATUS_BUF = const(271)
 MAX_U32 = const(0xFFFFFFFF)
 _I32_MIN = -(1 << 31)
 _I32_MAX = (1 << 31) - 1
