@@ -222,6 +222,7 @@ def _check_u32(value, what):
 
 # --- frames -----------------------------------------------------------------------------
 
+
 def _header(buf, ftype, node_id, seq):
     buf[0] = (VERSION << 4) | ftype
     pos = _put_varint(buf, 1, node_id)
