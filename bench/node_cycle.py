@@ -100,7 +100,7 @@ def per_cycle(cycles):
 def smallest_heap():
     """The smallest heap (KB) in which the real node boots and runs a simulated day."""
     results = {}
-    for kb in (64, 68, 72, 76, 80):
+    for kb in (64, 66, 68, 70, 72, 80):
         with tempfile.TemporaryDirectory() as tmp:
             proc = subprocess.run(
                 [

@@ -38,7 +38,8 @@ from host_tools.keys import load_keys, save_keys  # noqa: E402
 from host_tools.receiver import Intake, Receiver, UdpSource, Verifier, serve  # noqa: E402
 from host_tools.sinks import SqliteSink, TeeSink  # noqa: E402
 from host_tools.spool import Spool  # noqa: E402
-from protocols.frame import BME280_CHANNELS, Signer, decode_ack, encode_data  # noqa: E402
+from protocols.frame import BME280_CHANNELS, Signer, encode_data  # noqa: E402
+from protocols.uplink import decode_ack, peek  # noqa: E402
 
 READINGS_PER_FRAME = 10
 TARGET_READINGS_S = 20_000
@@ -126,8 +127,6 @@ def sender_main(port, frames_path, node_keys_path):
         pos += 2 + n
     keys = load_keys(node_keys_path)
     signers = {node: Signer(key) for node, key in keys.items()}
-    from protocols.frame import peek
-
     ids = [peek(f)[2] for f in frames]
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
