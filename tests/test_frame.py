@@ -433,3 +433,16 @@ def test_batch_too_big_for_a_frame_is_too_long():
     with pytest.raises(FrameError) as e:
         frame.encode_data(SIGNER, 1, 1, (9,), readings, list(range(59, -1, -1)))
     assert e.value.reason == "too_long"
+
+
+def test_decode_ack_for_another_node_is_refused_before_its_tag():
+    # On LoRa every node hears every ack: one for another node is "other_node", even under a key
+    # this node does not have, and the node's own ack still decodes.
+    ack = uplink.encode_ack(SIGNER, 7, 1_750_000_000, [(3, 5)])
+    with pytest.raises(frame.FrameError) as e:
+        frame.decode_ack(ack, frame.Signer(b"\xaa" * 16), 8)
+    assert e.value.reason == "other_node" and str(e.value) == "ack for node 7"
+    assert frame.decode_ack(ack, SIGNER, 7) == (7, 1_750_000_000, [(3, 5)])
+    with pytest.raises(frame.FrameError) as e:
+        frame.decode_ack(ack, frame.Signer(b"\xaa" * 16), 7)
+    assert e.value.reason == "tag"
