@@ -41,10 +41,12 @@ class Board:
         self._addr_cache = {}
         self._virtual_ms = 0
         self._control = None
-        # Fault injection for tests (simulated time, s): a driver that hangs, a crash.
-        faults = sim.get("faults") or {}
-        self._hang_at_ms = faults.get("hang_at_s", -1) * 1000
-        self._crash_at_ms = faults.get("crash_at_s", -1) * 1000
+        # Fault injection for tests (boards/sim_faults.py): loaded only when configured.
+        self._faults = None
+        if sim.get("faults"):
+            from boards.sim_faults import Faults
+
+            self._faults = Faults(sim["faults"])
         clock = sim.get("clock")
         if clock:
             # Lockstep with the host simulator: time moves only when it says so.
@@ -140,25 +142,8 @@ class Board:
             time.sleep_ms(ms)
             return
         self._wait(b"S %d" % ms)
-        if self._fault("hang", self._hang_at_ms):
-            print("(sim: injected fault: the driver hangs)")
-            while True:  # time passes, nobody feeds the watchdog
-                self._wait(b"S 1000")
-        if self._fault("crash", self._crash_at_ms):
-            raise RuntimeError("sim: injected fault in a driver")
-
-    def _fault(self, name, at_ms):
-        """Is an injected fault due? Each fires once per node (a marker file remembers it)."""
-        if at_ms < 0 or self._virtual_ms < at_ms:
-            return False
-        marker = "sim_fault_" + name
-        try:
-            open(marker).close()
-            return False
-        except OSError:
-            with open(marker, "w") as f:
-                f.write("1")
-            return True
+        if self._faults is not None:
+            self._faults.check(self)
 
     def idle_ms(self, ms):
         """Sleep until the next sample (lightsleep on a real board). Returns False when the
@@ -176,11 +161,9 @@ class Board:
         {"freq_khz", "sf", "output_power"}); only in lockstep with the fleet simulator."""
         if self._control is None:
             raise ValueError("config: the sim board's radio needs the fleet simulator (sim.clock)")
-        from boards.sim_radio import SimModem
+        from boards.sim_radio import modem
 
-        cfg = {"freq_khz": 868100, "sf": 7, "bw": "125", "coding_rate": 5, "preamble_len": 8}
-        cfg.update(self._lora)
-        return SimModem(self, cfg)
+        return modem(self, self._lora)
 
     def i2c(self):
         return self._i2c

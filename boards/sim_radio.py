@@ -17,6 +17,13 @@ class RxPacket(bytearray):
         self.valid_crc = valid_crc
 
 
+def modem(board, lora):
+    """The sim board's radio: micropython-lib's defaults, then the config's "lora" values."""
+    cfg = {"freq_khz": 868100, "sf": 7, "bw": "125", "coding_rate": 5, "preamble_len": 8}
+    cfg.update(lora)
+    return SimModem(board, cfg)
+
+
 class SimModem:
     def __init__(self, board, lora_cfg):
         self._board = board

@@ -238,59 +238,20 @@ class Journal:
 
     def _merge(self):
         """While the host does not acknowledge, move each full range of S records from the
-        small files into one segment file: written whole under a .tmp name, then renamed."""
-        s, t, rec = self._s, self._t, self._rec
+        small files into one segment (firmware/journal_merge.py, loaded for it)."""
         pos, nxt = self._pos, self._next
-        base = max(self._merged, pos - pos % s)
-        if nxt < base + s or nxt - pos < s:
+        base = max(self._merged, pos - pos % self._s)
+        if nxt < base + self._s or nxt - pos < self._s:
             return
-        first = max(base, pos)
-        end = base + s
-        name = self._segment(base)
-        tmp = name + ".tmp"
-        buf = self._buf
         try:
-            with open(tmp, "wb") as out:
-                struct.pack_into(_SEG_FMT, buf, 0, _MAGIC, _VERSION, rec, first)
-                struct.pack_into("<I", buf, 8, binascii.crc32(memoryview(buf)[:8]))
-                out.write(memoryview(buf)[:_SEG_HEADER])
-                i = first
-                while i < end:
-                    sbase = i - i % t
-                    try:
-                        src = open(self._small(sbase), "rb")
-                    except OSError as e:
-                        if _errno(e) != _ENOENT:
-                            raise
-                        src = None
-                    try:
-                        if src is not None:
-                            src.seek((i - sbase) * rec)
-                        while i < sbase + t:
-                            n = src.readinto(buf) if src is not None else 0
-                            for k in range(n or 0, rec):
-                                buf[k] = 0xFF  # a missing record stays missing (bad CRC)
-                            out.write(buf)
-                            i += 1
-                    finally:
-                        if src is not None:
-                            src.close()
-            os.rename(tmp, name)
-        except OSError as e:
+            from firmware import journal_merge
+
+            journal_merge.merge(self)
+        except MemoryError:
             # Not fatal: the readings are safe in the small files; try again after T more.
-            self._log("warning", "merge failed, will retry", file=name, errno=_errno(e))
-            try:
-                self._remove(tmp)
-            except OSError:
-                pass
-            return
-        self._merged = end
-        self.merges += 1
-        for sbase in range(first - first % t, end, t):
-            try:
-                self._remove(self._small(sbase))
-            except OSError:
-                pass  # removed at next boot
+            self._log("warning", "merge postponed: no heap to load it", next=nxt)
+        finally:
+            _forget("journal_merge")
 
     # --- read and acknowledge --------------------------------------------------------------
 
@@ -459,7 +420,7 @@ class Journal:
         try:
             _boot_code().fix_tail(self)
         finally:
-            _forget_boot_code()  # a repair is rare: its code leaves the heap again
+            _forget("journal_boot")  # a repair is rare: its code leaves the heap again
 
 
 def _boot_code():
@@ -468,12 +429,13 @@ def _boot_code():
     return journal_boot
 
 
-def _forget_boot_code():
+def _forget(name):
+    """Drop a firmware module that is done (on MicroPython; CPython keeps it)."""
     import sys
 
     if sys.implementation.name == "micropython":
         import firmware
 
-        sys.modules.pop("firmware.journal_boot", None)
-        if hasattr(firmware, "journal_boot"):
-            delattr(firmware, "journal_boot")
+        sys.modules.pop("firmware." + name, None)
+        if hasattr(firmware, name):
+            delattr(firmware, name)

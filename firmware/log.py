@@ -17,6 +17,7 @@ _LETTERS = "DIWE"
 
 
 _KEEP = const(8)  # lines kept in RAM for the post-mortem file
+_WIDTH = const(160)  # bytes kept of each (a longer line is cut there in the file, not on screen)
 
 
 class Log:
@@ -31,16 +32,19 @@ class Log:
         self._ticks_ms = ticks_ms
         self.level = level
         self._out = out
-        self._ring = [None] * _KEEP  # type: list
+        # One buffer allocated at boot, not a string per line: kept lines would otherwise pin
+        # small blocks all over the heap between cycles (a 64 KB heap fragments).
+        self._ring = bytearray(_KEEP * _WIDTH)
+        self._used = bytearray(_KEEP)  # bytes of each slot in use
         self._next = 0
 
     def lines(self):
         """The kept lines, oldest first."""
         out = []
         for i in range(_KEEP):
-            line = self._ring[(self._next + i) % _KEEP]
-            if line is not None:
-                out.append(line)
+            k = (self._next + i) % _KEEP
+            if self._used[k]:
+                out.append(bytes(self._ring[k * _WIDTH : k * _WIDTH + self._used[k]]).decode())
         return out
 
     def save(self, path, reset_cause):
@@ -69,8 +73,16 @@ class Log:
                 if isinstance(value, str) and (" " in value or not value):
                     value = '"%s"' % value
                 line += " %s=%s" % (key, value)
-        self._ring[self._next] = line
-        self._next = (self._next + 1) % _KEEP
+        b = line.encode()
+        n = len(b)
+        if n > _WIDTH:
+            n = _WIDTH
+            while n and b[n] & 0xC0 == 0x80:  # not inside a UTF-8 sequence
+                n -= 1
+        k = self._next
+        self._ring[k * _WIDTH : k * _WIDTH + n] = memoryview(b)[:n]
+        self._used[k] = n
+        self._next = (k + 1) % _KEEP
         self._out(line)
 
     def debug(self, subsystem, message, **fields):

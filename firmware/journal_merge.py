@@ -1,0 +1,79 @@
+# Merging small files into a segment (see journal.py): needed only while the host does not
+# acknowledge, once every S readings, so it is loaded when a merge is due and dropped after
+# (firmware/journal.py Journal._merge): the node's heap does not carry it between merges.
+
+import binascii
+import os
+import struct
+
+from firmware.journal import _MAGIC, _SEG_FMT, _errno
+
+try:
+    from micropython import const
+except ImportError:
+
+    def const(x):
+        return x
+
+
+# const() names are private to their module on MicroPython: these repeat journal.py's values.
+_ENOENT = const(2)
+_VERSION = const(1)
+_SEG_HEADER = const(12)
+
+
+def merge(self):
+    """While the host does not acknowledge, move each full range of S records from the
+    small files into one segment file: written whole under a .tmp name, then renamed."""
+    s, t, rec = self._s, self._t, self._rec
+    pos, nxt = self._pos, self._next
+    base = max(self._merged, pos - pos % s)
+    if nxt < base + s or nxt - pos < s:
+        return
+    first = max(base, pos)
+    end = base + s
+    name = self._segment(base)
+    tmp = name + ".tmp"
+    buf = self._buf
+    try:
+        with open(tmp, "wb") as out:
+            struct.pack_into(_SEG_FMT, buf, 0, _MAGIC, _VERSION, rec, first)
+            struct.pack_into("<I", buf, 8, binascii.crc32(memoryview(buf)[:8]))
+            out.write(memoryview(buf)[:_SEG_HEADER])
+            i = first
+            while i < end:
+                sbase = i - i % t
+                try:
+                    src = open(self._small(sbase), "rb")
+                except OSError as e:
+                    if _errno(e) != _ENOENT:
+                        raise
+                    src = None
+                try:
+                    if src is not None:
+                        src.seek((i - sbase) * rec)
+                    while i < sbase + t:
+                        n = src.readinto(buf) if src is not None else 0
+                        for k in range(n or 0, rec):
+                            buf[k] = 0xFF  # a missing record stays missing (bad CRC)
+                        out.write(buf)
+                        i += 1
+                finally:
+                    if src is not None:
+                        src.close()
+        os.rename(tmp, name)
+    except OSError as e:
+        # Not fatal: the readings are safe in the small files; try again after T more.
+        self._log("warning", "merge failed, will retry", file=name, errno=_errno(e))
+        try:
+            self._remove(tmp)
+        except OSError:
+            pass
+        return
+    self._merged = end
+    self.merges += 1
+    for sbase in range(first - first % t, end, t):
+        try:
+            self._remove(self._small(sbase))
+        except OSError:
+            pass  # removed at next boot
