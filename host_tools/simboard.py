@@ -55,12 +55,12 @@ IMAGE_SIZE = 1024 * 1024  # 256 blocks: about what a Pico W leaves for files (84
 LITTLEFS_MAGIC = b"littlefs"
 OUT_LIMIT = 8192
 IN_LIMIT = 65536
-# The node's heap on this 64-bit port, as the fleet simulator gives it (72K: a 32-bit board's
-# ~100 KB less what the doubled pointers cost; see host_tools/fleet.py).
+# The node's heap on this 64-bit port, as the fleet simulator gives it (NODE_HEAP, 80K: a 32-bit
+# board's ~100 KB less what the doubled pointers cost; see host_tools/fleet.py).
 DEFAULT_HEAP = NODE_HEAP
 # What the simulation keeps on the heap itself: sim_boot.py's code and globals, the littlefs
 # mount, main.py's compiled two lines (measured 5.2 KB). The unix port gets --heap plus this, so
-# main.py starts with about as much free heap as `micropython -X heapsize=72K -c ...` (the fleet
+# main.py starts with about as much free heap as `micropython -X heapsize=80K -c ...` (the fleet
 # simulator's and the firmware tests' way) gives a script: a board with nothing loaded.
 SIM_OVERHEAD = 5 * 1024
 QUICK_RESTARTS = 5  # main.py restarted this often after under RESTART_WINDOW_S: a boot loop
