@@ -7,6 +7,7 @@ from boards.hw import RealBoard
 class Board(RealBoard):
     NAME = "esp32_devkitc"
     ARCH = "xtensawin"
+    DEEP_SLEEP = True
     MIP_PACKAGES = ()
     WIFI = True
     WIFI_REQUIRED = True

@@ -7,6 +7,7 @@ from boards.hw import RealBoard
 class Board(RealBoard):
     NAME = "heltec_v3"
     ARCH = "xtensawin"
+    DEEP_SLEEP = True
     MIP_PACKAGES = ("lora-sx126x", "lora-sync")
     WIFI = True
     # The OLED bus (SDA 17, SCL 18) is powered through Vext (GPIO36, active low); the BME280

@@ -31,6 +31,13 @@ _FREQ_MAX_KHZ = const(869937)
 _POWER_MAX_DBM = const(14)
 _POWER_MIN_DBM = const(-9)
 
+# Deep sleep (config "idle": "deep", ESP32 boards): what the firmware keeps for the next wake
+# goes into RTC slow memory (2 KB on the ESP32, kept in deep sleep, lost with power) after a
+# magic and the RTC time (ms) at which the board's ms clock read 0.
+_RTC_MAGIC = b"CNds"
+_RTC_HEADER = const(12)
+IDLE_MODES = ("light", "wait", "deep")
+
 _LORA_KEYS = ("freq_khz", "output_power", "sf")
 _WIFI_KEYS = ("country", "password", "ssid", "timeout_ms")
 
@@ -104,6 +111,16 @@ class Clock:
         self._last = now
         return self._ms
 
+    def set(self, ms):
+        """Continue from ms (a deep-sleep wake: the clock counts on from the first boot)."""
+        self._last = time.ticks_ms()
+        self._ms = ms
+
+
+def _rtc_ms():
+    # The ESP32's RTC keeps counting through deep sleep; time.ticks_ms() restarts at a wake.
+    return time.time_ns() // 1000000
+
 
 class RealBoard:
     """Board API (README.md). Subclasses set the class attributes below; pins are GPIO numbers."""
@@ -114,6 +131,7 @@ class RealBoard:
     MIP_PACKAGES = ()  # type: tuple[str, ...]
     SENSORS = ("bme280",)
     BME280_ADDRESS = 0x76  # SDO to GND; 0x77 with SDO to VDDIO (config "bme280_address")
+    DEEP_SLEEP = False  # machine.deepsleep with RTC memory kept (ESP32): config "idle": "deep"
     WIFI = False  # the MCU has Wi-Fi
     WIFI_REQUIRED = False  # Wi-Fi is this board's only uplink: config must have "wifi"
     I2C_ID = 0
@@ -145,9 +163,20 @@ class RealBoard:
         self.BME280_ADDRESS = address
         self._i2c_freq = _int(raw, "i2c_freq", "i2c_freq", 100000, 10000, 400000)
         idle = raw.get("idle", "light")
-        if idle not in ("light", "wait"):
-            raise ValueError('config: idle must be "light" or "wait", got %r' % (idle,))
+        if idle not in IDLE_MODES:
+            raise ValueError('config: idle must be "light", "wait" or "deep", got %r' % (idle,))
+        if idle == "deep" and not self.DEEP_SLEEP:
+            raise ValueError(
+                'config: board %s cannot deep sleep and keep RTC memory (idle "deep" is for '
+                "ESP32 boards)" % self.NAME
+            )
+        if idle == "deep" and raw.get("link") == "lora":
+            raise ValueError(
+                'config: idle "deep" is for Wi-Fi nodes (a LoRa node\'s airtime account would '
+                "not survive it)"
+            )
         self._light = idle == "light"
+        self.deep = idle == "deep"
         self._i2c = None
         self._wdt = None
         self._slice_ms = _SLICE_MS
@@ -206,6 +235,25 @@ class RealBoard:
             if left <= 0:
                 return
             sleep(min(left, self._slice_ms))
+
+    def wake_state(self, cause):
+        """After a deep-sleep wake (cause DEEPSLEEP_RESET), what deepsleep() kept, and the
+        ms clock continues from before the sleep; None after any other reset."""
+        if cause != machine.DEEPSLEEP_RESET:
+            return None
+        mem = machine.RTC().memory()
+        if len(mem) < _RTC_HEADER or mem[:4] != _RTC_MAGIC:
+            return None
+        self.ticks_ms.set(_rtc_ms() - int.from_bytes(mem[4:_RTC_HEADER], "little"))
+        return bytes(mem[_RTC_HEADER:])
+
+    def deepsleep(self, ms, state):
+        """Keep state (bytes) in RTC memory and deep sleep for ms: the board wakes through a
+        reset (reset cause DEEPSLEEP_RESET) and runs main.py again. Never returns."""
+        start = max(0, _rtc_ms() - self.ticks_ms())  # the RTC time at which this clock read 0
+        machine.RTC().memory(_RTC_MAGIC + start.to_bytes(8, "little") + state)
+        self._wifi_off()
+        machine.deepsleep(ms)
 
     # --- watchdog and resets ---------------------------------------------------------------
 

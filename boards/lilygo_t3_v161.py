@@ -7,6 +7,7 @@ from boards.hw import RealBoard
 class Board(RealBoard):
     NAME = "lilygo_t3_v161"
     ARCH = "xtensawin"
+    DEEP_SLEEP = True
     MIP_PACKAGES = ("lora-sx127x", "lora-sync")
     WIFI = True
     I2C_ID = 0  # shared with the SSD1306 OLED at 0x3C; the BME280 answers at 0x76/0x77

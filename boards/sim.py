@@ -41,6 +41,12 @@ class Board:
         self._addr_cache = {}
         self._virtual_ms = 0
         self._control = None
+        self.deep = raw.get("idle") == "deep"  # boards/hw.py's deep sleep: boards/sim_deep.py
+        if self.deep:
+            from boards import sim_deep
+
+            sim_deep.attach(self, raw)
+        self.ended = False  # woken from deep sleep after the simulated world ended
         # Fault injection for tests (boards/sim_faults.py): loaded only when configured.
         self._faults = None
         if sim.get("faults"):
@@ -56,6 +62,7 @@ class Board:
             self._control.settimeout(_CONTROL_TIMEOUT_S)
             self._rx = b""
             self._ask(b"H %d" % raw.get("node_id", 0))
+            self.ended = self._rx[0] == 69  # "E <ms>"
             self._i2c = _BridgedI2C(self)
         else:
             self._t0 = time.ticks_ms()
@@ -88,7 +95,8 @@ class Board:
         except OSError:
             raise SimulationEnded("sim: no reply from the simulator to %r" % request)
         n = len(rx)
-        if rx[0] == 87 or rx[0] == 80:  # "W <ms>", or "P <ms> ..." (a radio frame heard)
+        # "W <ms>", "P <ms> ..." (a radio frame heard), "E <ms>" (a wake after the world ended)
+        if rx[0] == 87 or rx[0] == 80 or (rx[0] == 69 and n > 2):
             ms = 0
             i = 2
             while i < n and rx[i] != 32:

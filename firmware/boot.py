@@ -71,7 +71,9 @@ def _show_last_log(log):
 
 def prepare(config_path=config.PATH):
     """Read the config (waiting for a good one), build the board, count the boot.
-    Returns (cfg, board, log, boot count, reset cause)."""
+    Returns (cfg, board, log, boot count, reset cause, wake): wake is what the node kept
+    through a deep sleep (firmware/node.py), None after any other reset. A wake is not a new
+    boot: the count stays, the clock counts on, nothing is written."""
     log = _boot_log()
     while True:
         try:
@@ -86,5 +88,9 @@ def prepare(config_path=config.PATH):
     cfg.raw = None  # the parsed dict is not needed any more
     log = logmod.Log(board.ticks_ms)
     cause = board.reset_cause()
+    if getattr(board, "deep", False):
+        wake = board.wake_state(cause)
+        if wake is not None and len(wake) >= 10:
+            return cfg, board, log, wake[0] | wake[1] << 8, cause, wake
     _show_last_log(log)
-    return cfg, board, log, next_boot(), cause
+    return cfg, board, log, next_boot(), cause, None

@@ -24,7 +24,7 @@ _MAX_AGE_MS = const(0x7FFFFFFF)
 class Node:
     ROLE = "node"  # the log's subsystem for what main.py reports
 
-    def __init__(self, cfg, board, log, sequence, journal, link, clock, boot):
+    def __init__(self, cfg, board, log, sequence, journal, link, clock, boot, wake=None):
         self.cfg = cfg
         self.board = board
         self.log = log
@@ -51,6 +51,12 @@ class Node:
             "bytes_sent": 0,
             "status_sent": 0,
         }
+        self._status_due = True  # at boot, then every status_every cycles until one is sent
+        self._woke = wake is not None  # a deep-sleep wake: the same boot, one more cycle
+        if self._woke:
+            from firmware import deep
+
+            deep.restore(self, wake)
 
     # --- sensor -------------------------------------------------------------------------
 
@@ -247,19 +253,23 @@ class Node:
 
     def run(self, wdt=None):
         interval_ms = self.cfg.interval_s * 1000
-        self.log.info(
-            "node",
-            "started",
-            node=self.cfg.node_id,
-            fw=FW_VERSION,
-            board=self.board.NAME,
-            link=self.link.NAME,
-            boot=self.boot[0],
-            reset_cause=self.boot[1],
-            pending=len(self.journal),
-        )
-        status_due = True  # at boot, then every status_every cycles until one is sent
-        while True:
+        deep = getattr(self.board, "deep", False)
+        if not self._woke:
+            self.log.info(
+                "node",
+                "started",
+                node=self.cfg.node_id,
+                fw=FW_VERSION,
+                board=self.board.NAME,
+                link=self.link.NAME,
+                boot=self.boot[0],
+                reset_cause=self.boot[1],
+                pending=len(self.journal),
+                idle="deep" if deep else "light",
+            )
+        status_due = self._status_due
+        # (a simulated board woken from deep sleep after its world ended only flushes and stops)
+        while not getattr(self.board, "ended", False):
             if wdt is not None:
                 wdt.feed()
             gc.collect()  # while the heap is quiet: keeps it from fragmenting between cycles
@@ -275,6 +285,11 @@ class Node:
                 status_due = True
             awake = self.board.ticks_ms() - start
             self.awake_ms_total += awake
+            if deep:  # never returns: the board wakes through a reset, main.py runs again
+                from firmware import deep as sleeper
+
+                self._status_due = status_due
+                self.board.deepsleep(max(0, interval_ms - awake), sleeper.state(self))
             if not self.board.idle_ms(max(0, interval_ms - awake)):
                 break  # only a simulated world ends
         self.send_pending(flush=True)

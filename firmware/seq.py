@@ -20,13 +20,20 @@ class SeqError(Exception):
 
 
 class Sequence:
-    def __init__(self, path="seq.dat", reserve=RESERVE):
+    def __init__(self, path="seq.dat", reserve=RESERVE, resume=None):
+        """resume: (next, bound) kept through a deep sleep (state()): no flash access."""
         self._path = path
         self._reserve = reserve
+        if resume is not None:
+            self._next, self._bound = resume
+            return
         bound = self._read()
         self._next = bound
         self._bound = bound
         self._reserve_more()
+
+    def state(self):
+        return self._next, self._bound
 
     def _read(self):
         try:

@@ -24,7 +24,7 @@ def build():
     """(role object with run(wdt), log, board, watchdog ms); role None if it cannot start."""
     from firmware import boot
 
-    cfg, board, log, boot_no, cause = boot.prepare()
+    cfg, board, log, boot_no, cause, wake = boot.prepare()
     boot = None
     drop(("boot", "config"))
     if cfg.role == "gateway":
@@ -38,7 +38,7 @@ def build():
     from firmware.seq import Sequence
 
     try:
-        sequence = Sequence()
+        sequence = Sequence(resume=_seq_state(wake))
         journal = Journal(capacity=cfg.journal_capacity, log=log)
     except Exception as e:  # a corrupt counter or a broken filesystem: say so, do not send
         log.error("node", "cannot start", error=str(e))
@@ -60,5 +60,13 @@ def build():
         from firmware.links import UdpLink
 
         link = UdpLink(board, cfg.uplink, log)
-    node = Node(cfg, board, log, sequence, journal, link, Clock(boot_no), (boot_no, cause))
+    node = Node(cfg, board, log, sequence, journal, link, Clock(boot_no), (boot_no, cause), wake)
     return node, log, board, cfg.wdt_ms
+
+
+def _seq_state(wake):
+    if wake is None:
+        return None
+    import struct
+
+    return struct.unpack_from("<II", wake, 2)  # after the boot count (node.py _wake_state)

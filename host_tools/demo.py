@@ -52,6 +52,10 @@ def run(args, workdir):
         raise DemoError("--gateways must be 1..16")
     specs = []
     lora = getattr(args, "link", "udp") == "lora"
+    if lora and getattr(args, "idle", "light") == "deep":
+        raise DemoError(
+            "--idle deep is for Wi-Fi nodes (a LoRa node's airtime account would not survive it)"
+        )
     rng = random.Random(args.seed)
     for i in range(args.nodes):
         rows = world_rows(args, i)
@@ -71,6 +75,8 @@ def run(args, workdir):
             # nodes on lamp posts 200 m .. 1.5 km around the gateways (Koper's centre is ~1 km)
             angle, radius = rng.uniform(0, 2 * math.pi), rng.uniform(200, 1500)
             position = (radius * math.cos(angle), radius * math.sin(angle))
+        if getattr(args, "idle", "light") == "deep":
+            extra["idle"] = "deep"
         specs.append(
             NodeSpec(i + 1, secrets.token_bytes(16), rows, interval, args.batch, extra, position)
         )

@@ -3,10 +3,12 @@
 #
 # Each node's board asks this simulator for time (boards/sim.py): "H <id>" at boot, "S <ms>" for
 # a short wait, "C <ms>" to sleep until its next sample (the world's next row), "R <ms>" to wait
-# for a downlink. Virtual time advances only when
+# for a downlink, "D <ms>" before it exits into deep sleep (it is started again at its next
+# sample, its clock counting on). Virtual time advances only when
 # every node is waiting, after the receiver has handled every datagram already sent, so a day of
 # readings takes seconds and every timestamp is exact. Replies: "W <ms since boot> [raw ADC]"
-# or "E" (the world, i.e. the trace, has ended: flush and stop).
+# or "E" (the world, i.e. the trace, has ended: flush and stop; "E <ms>" to a node woken from
+# deep sleep after the end).
 
 import bisect
 import json
@@ -36,6 +38,7 @@ NODE_MIN_HEAP = "70K"
 LORA_NODE_HEAP = "96K"  # + the airtime governor and the radio (micropython-lib's on a board)
 ACK_FREQ_KHZ = 869525  # acks in the 10 % sub-band (FIELD.md), where the nodes listen for them
 RESET_EXIT = 3  # boards/sim.py: the node asked for a reset (crash, watchdog, machine.reset)
+DEEPSLEEP_EXIT = 4  # boards/sim.py: the node went into deep sleep ("D <ms>" said when)
 MAX_RESETS = 20  # per node: a node that keeps resetting is a failed test, not a loop
 
 
@@ -75,6 +78,8 @@ class _Node:
     delivered: bool = False  # a downlink arrived for it while it waited
     ended: bool = False
     booted: bool = False
+    asleep: bool = False  # in deep sleep: no process until its wake
+    wakes: int = 0  # deep-sleep wakes
     resets: int = 0
     home: Path = None  # its filesystem (a folder)
     log_file: object = None  # its serial console, kept
@@ -193,6 +198,12 @@ class Fleet:
 
     def _reaped(self, node):
         """A node process ended: a reset (restart it, like the hardware would) or the end."""
+        if node.asleep:
+            return False  # its wake is scheduled ("D"): _advance starts it again
+        if node.proc.returncode == DEEPSLEEP_EXIT and node.waiting == "D":
+            node.asleep = True
+            node.log_file.flush()
+            return False
         if node.proc.returncode != RESET_EXIT or node.ended:
             return True
         node.resets += 1
@@ -229,6 +240,15 @@ class Fleet:
                 raise FleetError("fleet: unknown node %s said hello" % words[1])
             node.addr = addr
             self._by_addr[addr] = node
+            if node.asleep:  # a deep-sleep wake: its clock counted on, it senses the next row
+                node.asleep = False
+                node.wakes += 1
+                if node.ended:
+                    self._control.sendto(b"E %d" % (self.now_ms - node.boot_ms), addr)
+                    node.waiting = None
+                else:
+                    self._wake(node, sense=True)
+                return
             if node.booted:  # a reset: the board restarts now, sensing what is there now
                 node.boot_ms = self.now_ms
                 self._wake(node, sense="again" if node.spec.rows else False)
@@ -279,7 +299,7 @@ class Fleet:
         ms = int(words[1])
         node.waiting = kind
         node.delivered = False
-        if kind == "C":
+        if kind in ("C", "D"):
             if node.row >= len(node.spec.rows) or node.ended:
                 node.deadline_ms = self.now_ms  # the trace is over: end now
                 node.ended = True
@@ -308,6 +328,9 @@ class Fleet:
             if n.waiting == "L" and self._world_over(n):
                 n.waiting = None
                 self._control.sendto(b"E", n.addr)
+            elif n.waiting == "D":
+                if n.asleep:
+                    self._spawn(n)  # the wake: it says hello, then senses or hears "E"
             elif n.waiting == "B":
                 n.boot_ms = self.now_ms
                 self._wake(n, sense=True)
@@ -469,6 +492,7 @@ class Fleet:
             "node_id": node.spec.node_id,
             "exit_code": node.proc.returncode,
             "resets": node.resets,
+            "wakes": node.wakes,
             "stats": {k: int(v) for k, v in stats.items() if v.lstrip("-").isdigit()},
             "log": str(node.log_path),
             "log_tail": log.splitlines()[-5:],

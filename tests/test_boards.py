@@ -37,6 +37,8 @@ ftime = Mod(
     ticks_add=lambda a, d: (a + d) % _P,
     sleep_ms=_sleep_ms,
     sleep=lambda s: _sleep_ms(int(s * 1000)),
+    # the RTC: ms since 2024 plus what ran before the last wake (it counts through deep sleep)
+    time_ns=lambda: (1704067200000 + BEFORE[0] + NOW[0]) * 1000000,
 )
 
 class Pin:
@@ -74,8 +76,31 @@ def _lightsleep(ms=None):
     LOG.append(["lightsleep", ms])
     NOW[0] += ms
 
+BEFORE = [0]
+RTC_MEM = [b""]
+
+class RTC:
+    def memory(self, data=None):
+        if data is None:
+            return RTC_MEM[0]
+        RTC_MEM[0] = bytes(data)
+
+class DeepSleep(Exception):
+    pass
+
+def _deepsleep(ms=None):  # the chip powers down: nothing after this call runs
+    LOG.append(["deepsleep", ms])
+    raise DeepSleep(ms)
+
+def wake(ms):
+    # ms of deep sleep pass; the chip resets: ticks_ms starts again, the RTC counted on
+    BEFORE[0] += NOW[0] + ms
+    NOW[0] = 0
+    CAUSE[0] = 4
+
 CAUSE = [1]
-fmachine = Mod(Pin=Pin, I2C=I2C, SPI=SPI, WDT=WDT, lightsleep=_lightsleep,
+fmachine = Mod(Pin=Pin, I2C=I2C, SPI=SPI, WDT=WDT, lightsleep=_lightsleep, RTC=RTC,
+               deepsleep=_deepsleep,
                reset_cause=lambda: CAUSE[0], PWRON_RESET=1, HARD_RESET=2, WDT_RESET=3,
                DEEPSLEEP_RESET=4, SOFT_RESET=5)
 
@@ -374,7 +399,9 @@ BAD_CONFIGS = [
         "config: bme280_address must be 118 (0x76) or 119 (0x77), got 64",
     ),
     ("heltec_v3", {"i2c_freq": 1000000}, "config: i2c_freq must be 10000..400000, got 1000000"),
-    ("heltec_v3", {"idle": "deep"}, 'config: idle must be "light" or "wait", got \'deep\''),
+    ("heltec_v3", {"idle": "nap"}, 'config: idle must be "light", "wait" or "deep", got \'nap\''),
+    ("pico_w", {"idle": "deep"}, "config: board pico_w cannot deep sleep and keep RTC memory"),
+    ("heltec_v3", {"idle": "deep", "link": "lora"}, 'config: idle "deep" is for Wi-Fi nodes'),
 ]
 
 
@@ -561,6 +588,38 @@ out(active=NET["wlan"].active(), connected=NET["wlan"].isconnected(),
         % config("esp32_devkitc", idle="wait"),
     )
     assert res == {"active": True, "connected": True, "kinds": ["sleep_ms"], "slept": 10000}
+
+
+def test_deep_sleep_keeps_state_in_rtc_memory_and_the_clock_counts_on(run_mp):
+    (res,) = run_board(
+        run_mp,
+        """
+b = build("esp32_devkitc", %r)
+assert b.deep and b.network_up()
+NOW[0] += 5000
+del LOG[:]
+try:
+    b.deepsleep(55000, b"kept")
+    out(err="deepsleep returned")
+except DeepSleep:
+    pass
+slept = LOG[:]
+power_on = build("esp32_devkitc", %r).wake_state(1)
+wake(55000)
+b = build("esp32_devkitc", %r)
+state = b.wake_state(b.reset_cause())
+t = b.ticks_ms()
+NOW[0] += 1000
+out(slept=slept, power_on=power_on, state=state.decode(), t=[t, b.ticks_ms()])
+"""
+        % ((config("esp32_devkitc", idle="deep"),) * 3),
+    )
+    # Wi-Fi off, then the chip sleeps; the state comes back only after a deep-sleep wake, and
+    # the ms clock goes on from where it was (5 s awake + 55 s asleep), not from 0.
+    assert [e[0] for e in res["slept"]] == ["disconnect", "active", "deepsleep"]
+    assert res["slept"][-1] == ["deepsleep", 55000]
+    assert res["power_on"] is None and res["state"] == "kept"
+    assert res["t"] == [60000, 61000]
 
 
 def test_wdt_is_clamped_to_the_rp2040_maximum_and_started_once(run_mp):

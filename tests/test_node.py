@@ -72,6 +72,21 @@ def test_demo_command_three_nodes_one_day(tmp_path):
     assert con.execute("SELECT COUNT(*) FROM readings").fetchone()[0] == 3 * 3 * 24 * 60
 
 
+def test_demo_idle_deep_is_for_wifi_nodes(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "host_tools.cli", "demo", "--link", "lora", "--idle", "deep"]
+        + ["--db", str(tmp_path / "d.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        "citynode: --idle deep is for Wi-Fi nodes (a LoRa node's airtime account would not "
+        "survive it)\n"
+    )
+
+
 def test_trace_replay_stores_each_row_at_its_time(tmp_path):
     rows = weather.read_trace(shared_trace("bme280_indoor_1min.csv"))[:300]
     results, stored, _ = run_fleet(tmp_path, [NodeSpec(7, KEY, rows, 60, 10)])
@@ -353,14 +368,14 @@ class StatusHeap:
     """Records the free_heap field of every status frame."""
 
     def __init__(self, receiver):
-        self.receiver, self.free = receiver, []
+        self.receiver, self.free, self.fields = receiver, [], []
 
     def datagram(self, data):
-        from protocols import uplink
-
         if data[0] & 0x0F == frame.TYPE_STATUS:
             signer = self.receiver.verifier.signer(uplink.peek(data)[2])
-            self.free.append(uplink.decode_status(data, signer).fields[3])
+            fields = uplink.decode_status(data, signer).fields
+            self.free.append(fields[3])
+            self.fields.append(fields)
         return self.receiver.datagram(data)
 
     def __getattr__(self, name):
@@ -383,3 +398,29 @@ def test_ten_thousand_cycles_in_the_smallest_node_heap_without_growth(tmp_path):
     steady = free[1:]
     assert max(steady) - min(steady) <= 512, free  # no growth beyond GC noise
     assert len(stored_times(stored)) == 10000
+
+
+def test_deep_sleep_wakes_each_cycle_as_the_same_boot_and_loses_nothing(tmp_path):
+    # config "idle": "deep": after every cycle the board deep sleeps (the process exits) and
+    # main.py runs again at the next sample. A wake is not a boot: the boot count stays, the
+    # clock counts on, the sequence numbers and counters come back from RTC memory.
+    rows = generated(180)
+    spec = NodeSpec(18, KEY, rows, 60, 10, {"idle": "deep", "status_every": 60})
+    probe = {}
+
+    def wrap(r):
+        probe["p"] = StatusHeap(r)
+        return probe["p"]
+
+    results, stored, _ = run_fleet(tmp_path, [spec], wrap=wrap)
+    r = results[0]
+    log = console(r)
+    assert r["resets"] == 0 and r["wakes"] == 180  # 179 samples after the first, then the end
+    assert r["stats"]["sampled"] == 180 and r["stats"]["pending"] == 0
+    assert r["stats"]["frames_acked"] == r["stats"]["frames_sent"] == 18 + 3  # data + status
+    assert_rows_stored(rows, stored)  # each at its time: the clock went on through the sleeps
+    assert log.count("node started") == 1 and "idle=deep" in log
+    assert [f[1] for f in probe["p"].fields] == [1, 1, 1]  # boot count: one boot, 180 wakes
+    home = tmp_path / "fleet" / "node-18"
+    assert (home / "boot.dat").read_text() == "1\n"
+    assert (home / "seq.dat").read_text() == "64\n"  # reserved once, at the boot

@@ -40,6 +40,12 @@ def add_arguments(p):
     p.add_argument(
         "--heap", help="each node's MicroPython heap (default 80K, see host_tools/fleet.py)"
     )
+    p.add_argument(
+        "--idle",
+        choices=("light", "deep"),
+        default="light",
+        help="how nodes sleep between samples: light (default) or deep (ESP32; one run a wake)",
+    )
     p.add_argument("--workdir", metavar="DIR", help="keep node filesystems and console logs here")
 
 

@@ -1,0 +1,36 @@
+# Deep sleep (config "idle": "deep", boards/hw.py): the node runs one cycle a wake and keeps
+# in RTC memory what the next wake needs to go on as the same boot: the boot count, the sequence
+# numbers' state (no flash write a wake) and the node's counters. Loaded only by such nodes.
+
+import struct
+
+# Counters a deep-sleeping node keeps in RTC memory (after the boot count and the sequence
+# state): a wake goes on where the last cycle stopped.
+_KEPT = (
+    "sampled",
+    "sensor_faults",
+    "journal_errors",
+    "unplaceable",
+    "frames_sent",
+    "frames_acked",
+    "acks_rejected",
+    "bytes_sent",
+    "status_sent",
+)
+
+
+def state(node):
+    """What the node keeps through a deep sleep, as bytes (boot.prepare reads the boot count,
+    start.py the sequence state, restore() the rest)."""
+    vals = [node.boot[0]] + list(node.seq.state())
+    vals += [node.cycles, node.awake_ms_total, node._misses, node._backoff, node._status_due]
+    vals += [node.stats[k] for k in _KEPT]
+    return struct.pack("<HII%dI" % (len(vals) - 3), *vals)
+
+
+def restore(node, wake):
+    vals = struct.unpack_from("<%dI" % ((len(wake) - 10) // 4), wake, 10)
+    node.cycles, node.awake_ms_total, node._misses, node._backoff = vals[:4]
+    node._status_due = bool(vals[4])
+    for i in range(min(len(_KEPT), len(vals) - 5)):
+        node.stats[_KEPT[i]] = vals[5 + i]
