@@ -82,6 +82,7 @@ class BoardDef:
     mip_packages: tuple = ()
     wifi: bool = False
     wifi_required: bool = False
+    deep_sleep: bool = False  # config "idle": "deep" (boards/README.md)
 
     @property
     def platform(self):
@@ -139,6 +140,7 @@ def board_def(name, root=build.ROOT):
         mip_packages=tuple(attrs.get("MIP_PACKAGES", ())),
         wifi=bool(attrs.get("WIFI", False)),
         wifi_required=bool(attrs.get("WIFI_REQUIRED", False)),
+        deep_sleep=bool(attrs.get("DEEP_SLEEP", False)),
     )
 
 
@@ -168,7 +170,7 @@ def firmware_files(build_dir, board):
     return files
 
 
-def node_config(node_id, key, board, uplink, interval_s, batch, wifi=None):
+def node_config(node_id, key, board, uplink, interval_s, batch, wifi=None, idle=None):
     """config.json's contents (firmware/config.py, README "Provisioning a board")."""
     cfg = {
         "node_id": node_id,
@@ -180,6 +182,8 @@ def node_config(node_id, key, board, uplink, interval_s, batch, wifi=None):
     }
     if wifi:
         cfg["wifi"] = dict(wifi)
+    if idle:
+        cfg["idle"] = idle
     return json.dumps(cfg, sort_keys=True) + "\n"
 
 
@@ -488,8 +492,9 @@ class Flasher:
 
     def __init__(self, board, keys_path, uplink, interval_s, batch, wifi=None, reflash=False,
                  mip_index=None, extra_packages=(), boot_timeout=BOOT_TIMEOUT_S,
-                 progress=None, root=build.ROOT, mpremote=None):  # fmt: skip
+                 progress=None, root=build.ROOT, mpremote=None, idle=None):  # fmt: skip
         self.board = board
+        self.idle = idle
         self.keys_path = Path(keys_path)
         self.uplink = uplink
         self.interval_s = interval_s
@@ -580,7 +585,14 @@ class Flasher:
             key = self._key(plan, say)
             say("writing config.json and main.py")
             config = node_config(
-                node_id, key, self.board, self.uplink, self.interval_s, self.batch, self.wifi
+                node_id,
+                key,
+                self.board,
+                self.uplink,
+                self.interval_s,
+                self.batch,
+                self.wifi,
+                self.idle,
             )
             with tempfile.TemporaryDirectory(prefix="citynode-flash-") as tmp:
                 cfg_path, main_path = Path(tmp) / "config.json", Path(tmp) / "main.py"

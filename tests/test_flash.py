@@ -284,6 +284,8 @@ def test_bad_options(tools, keys, tmp_path):
         (["--interval", "0"], "citynode: --interval: must be 1..86400 seconds, got 0"),
         (["--batch", "65"], "citynode: --batch: must be 1..64 readings, got 65"),
         (["--wifi-ssid", "city"], "citynode: board sim has no Wi-Fi: leave out --wifi-ssid"),
+        (["--idle", "deep"], "citynode: --idle deep: board sim cannot deep sleep and keep RTC "
+         "memory (the ESP32 boards can)"),
     ]  # fmt: skip
     for extra, message in cases:
         result = cli(*flash_args(port, keys), *extra)
@@ -577,3 +579,19 @@ def test_the_boot_line_is_found_among_noise():
     text = "OK\x04\x04MPY: soft reboot\r\nI 0.000 node started board=sim fw=%s node=7\r\n" % FW
     line = flash._watch_boot(FakeConsole(text), "p", 7, FW, 5, "hint")
     assert line == "I 0.000 node started board=sim fw=%s node=7" % FW
+
+
+def test_idle_goes_into_config_and_only_esp32_boards_deep_sleep():
+    deep = {n: flash.board_def(n).deep_sleep for n in flash.board_names()}
+    assert deep == {
+        "esp32_devkitc": True,
+        "heltec_v3": True,
+        "lilygo_t3_v161": True,
+        "pico_lora_sx1262": False,
+        "pico_w": False,
+        "sim": False,
+    }
+    board = flash.board_def("esp32_devkitc")
+    cfg = json.loads(flash.node_config(7, bytes(16), board, "10.0.0.2:1700", 60, 10, idle="deep"))
+    assert cfg["idle"] == "deep"
+    assert "idle" not in json.loads(flash.node_config(7, bytes(16), board, "h:1", 60, 10))

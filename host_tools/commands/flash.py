@@ -43,6 +43,12 @@ def add_arguments(p):
     p.add_argument(
         "--batch", type=int, default=10, metavar="N", help="readings per frame (default 10)"
     )
+    p.add_argument(
+        "--idle",
+        choices=("light", "wait", "deep"),
+        help="how the node sleeps between samples (default light; deep: ESP32 boards, see "
+        "boards/README.md)",
+    )
     p.add_argument("--wifi-ssid", metavar="SSID", help="Wi-Fi network (boards with Wi-Fi)")
     p.add_argument(
         "--wifi-password",
@@ -150,6 +156,11 @@ def run(args):
     except flash.FlashError as e:
         raise CliError("%s (%s)" % (e, e.hint) if e.hint else str(e)) from None
     wifi = _wifi(args, board)
+    if args.idle == "deep" and not board.deep_sleep:
+        raise CliError(
+            "--idle deep: board %s cannot deep sleep and keep RTC memory (the ESP32 boards can)"
+            % board.name
+        )
     for port in args.ports:
         _check_port(port)
     _check_keys_writable(args.keys)
@@ -173,6 +184,7 @@ def run(args):
         extra_packages=args.package,
         boot_timeout=args.boot_timeout,
         progress=progress,
+        idle=args.idle,
     )
     try:
         flasher.build()
