@@ -424,3 +424,20 @@ def test_deep_sleep_wakes_each_cycle_as_the_same_boot_and_loses_nothing(tmp_path
     home = tmp_path / "fleet" / "node-18"
     assert (home / "boot.dat").read_text() == "1\n"
     assert (home / "seq.dat").read_text() == "64\n"  # reserved once, at the boot
+
+
+def test_a_crash_in_deep_sleep_mode_is_a_new_boot_and_loses_nothing(tmp_path):
+    # After a crash the board resets (not a deep-sleep wake): RTC memory is not trusted, the
+    # boot count goes up and the sequence counter comes from flash, past every seq used.
+    rows = generated(30)
+    faults = {"idle": "deep", "sim": {"faults": {"crash_at_s": 420}}}
+    results, stored, receiver = run_fleet(tmp_path, [NodeSpec(19, KEY, rows, 60, 10, faults)])
+    r = results[0]
+    log = console(r)
+    assert r["resets"] == 1 and r["wakes"] == 30  # 29 rows after the first, then the end
+    assert 'node crashed error="sim: injected fault in a driver"' in log
+    assert log.count("node started") == 2 and "boot=2" in log
+    rejected = {k: v for k, v in receiver.counters.items() if k.startswith("rejected_") and v}
+    assert rejected == {}  # no seq was used twice (a duplicate or a replay)
+    assert receiver.counters["frames_accepted"] == 3 and receiver.counters["status_accepted"] == 2
+    assert_rows_stored(rows, stored, except_near={rows[7][0]})
