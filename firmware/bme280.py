@@ -3,8 +3,6 @@
 #
 # Section numbers cite the BME280 datasheet (BST-BME280-DS002, rev. 1.6 onwards).
 
-import struct
-
 try:
     from micropython import const
 except ImportError:  # CPython: host tests import this file unchanged
@@ -90,40 +88,6 @@ Calibration = namedtuple(
 )
 
 
-def _s8(b):
-    return b - 256 if b > 127 else b
-
-
-def parse_calibration(calib00, calib26):
-    """Calibration from the 26 bytes at 0x88 and the 7 bytes at 0xE1 (Table 16)."""
-    t1, t2, t3, p1, p2, p3, p4, p5, p6, p7, p8, p9 = struct.unpack_from(
-        "<HhhHhhhhhhhh", calib00, 0
-    )
-    e4 = calib26[4]
-    return Calibration(
-        t1,
-        t2,
-        t3,
-        p1,
-        p2,
-        p3,
-        p4,
-        p5,
-        p6,
-        p7,
-        p8,
-        p9,
-        calib00[25],  # 0xA1 dig_H1, unsigned char
-        struct.unpack_from("<h", calib26, 0)[0],  # 0xE1/0xE2 dig_H2, signed short
-        calib26[2],  # 0xE3 dig_H3, unsigned char
-        # dig_H4 = 0xE4[7:0] / 0xE5[3:0], dig_H5 = 0xE6[7:0] / 0xE5[7:4]: signed 12-bit, the MSB
-        # byte carries the sign (as in Bosch's BME280_API parse_humidity_calib_data)
-        (_s8(calib26[3]) << 4) | (e4 & 0x0F),
-        (_s8(calib26[5]) << 4) | (e4 >> 4),
-        _s8(calib26[6]),  # 0xE7 dig_H6, signed char
-    )
-
-
 # Integer compensation, section 4.2.3. Python ints do not overflow, so these equal Bosch's C code
 # wherever the C code does not overflow (all plausible calibrations); `>>` floors like the
 # arithmetic shift Bosch assumes. Shared with boards/sim_bme280.py, which inverts them.
@@ -197,34 +161,12 @@ class BME280:
         self._status = bytearray(1)
         self._ctrl_hum = bytes((_CTRL_HUM_X1,))
         self._ctrl_meas = bytes((_CTRL_MEAS_FORCED_X1,))
+        from firmware import bme280_probe, forget  # chip id and calibration: at start only
+
         try:
-            chip_id = i2c.readfrom_mem(address, _REG_ID, 1)[0]
-        except OSError as e:
-            # No "raise ... from e" here or below: MicroPython warns that it ignores chaining
-            message = "bme280: no device at 0x%02x (OSError %s)" % (address, _errno(e))
-            raise SensorError(message)  # noqa: B904
-        if chip_id != _CHIP_ID:
-            if chip_id == _CHIP_ID_BMP280:
-                hint = " (0x58 is a BMP280, no humidity)"
-            else:
-                hint = ""
-            raise SensorError(
-                "bme280: chip id 0x%02x at 0x%02x, expected 0x60%s" % (chip_id, address, hint)
-            )
-        try:
-            calib00 = i2c.readfrom_mem(address, _REG_CALIB00, _CALIB00_LEN)
-            calib26 = i2c.readfrom_mem(address, _REG_CALIB26, _CALIB26_LEN)
-            i2c.writeto_mem(address, _REG_CONFIG, bytes((_CONFIG_FILTER_OFF,)))
-        except OSError as e:
-            raise self._bus_error(e)  # noqa: B904
-        for blank in (0x00, 0xFF):
-            if _all(calib00, blank):
-                raise SensorError(
-                    "bme280: calibration 0x88..0xA1 at 0x%02x reads all 0x%02x" % (address, blank)
-                )
-        self.calibration = parse_calibration(calib00, calib26)
-        if self.calibration.dig_P1 == 0:
-            raise SensorError("bme280: calibration dig_P1 is 0 at 0x%02x" % address)
+            self.calibration = bme280_probe.probe(self)
+        finally:
+            forget("bme280_probe")
 
     def read(self):
         """One forced measurement: (temperature 0.01 °C, humidity 0.01 %RH, pressure Pa)."""

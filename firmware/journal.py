@@ -31,6 +31,8 @@
 import os
 import struct
 
+from firmware import forget
+
 try:
     import binascii
 except ImportError:  # pragma: no cover
@@ -251,7 +253,7 @@ class Journal:
             # Not fatal: the readings are safe in the small files; try again after T more.
             self._log("warning", "merge postponed: no heap to load it", next=nxt)
         finally:
-            _forget("journal_merge")
+            forget("journal_merge")
 
     # --- read and acknowledge --------------------------------------------------------------
 
@@ -420,22 +422,10 @@ class Journal:
         try:
             _boot_code().fix_tail(self)
         finally:
-            _forget("journal_boot")  # a repair is rare: its code leaves the heap again
+            forget("journal_boot")  # a repair is rare: its code leaves the heap again
 
 
 def _boot_code():
     from firmware import journal_boot
 
     return journal_boot
-
-
-def _forget(name):
-    """Drop a firmware module that is done (on MicroPython; CPython keeps it)."""
-    import sys
-
-    if sys.implementation.name == "micropython":
-        import firmware
-
-        sys.modules.pop("firmware." + name, None)
-        if hasattr(firmware, name):
-            delattr(firmware, name)

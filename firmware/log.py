@@ -17,7 +17,7 @@ _LETTERS = "DIWE"
 
 
 _KEEP = const(8)  # lines kept in RAM for the post-mortem file
-_WIDTH = const(160)  # bytes kept of each (a longer line is cut there in the file, not on screen)
+_WIDTH = const(120)  # bytes kept of each (a longer line is cut there in the file, not on screen)
 
 
 class Log:

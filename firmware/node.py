@@ -24,7 +24,7 @@ _MAX_AGE_MS = const(0x7FFFFFFF)
 class Node:
     ROLE = "node"  # the log's subsystem for what main.py reports
 
-    def __init__(self, cfg, board, log, sequence, journal, link, clock, boot, wake=None):
+    def __init__(self, cfg, board, log, sequence, journal, link, clock, boot, wake=None, buf=None):
         self.cfg = cfg
         self.board = board
         self.log = log
@@ -32,9 +32,15 @@ class Node:
         self.journal = journal
         self.link = link
         self.clock = clock
-        self.boot = boot  # (boot count, reset cause)
+        # (boot count, reset cause, a deep-sleep wake?): one tuple, as the node's attributes
+        # must stay few (a 17th makes the instance's table grow into a 368-byte block)
+        self.boot = (boot[0], boot[1], wake is not None)
         self.signer = frame.Signer(cfg.key)
-        self._frame_buf = bytearray(frame.STATUS_BUF)  # allocated once: the heap fragments
+        # Frames are built in one buffer, allocated once (start.py allocates it early in boot,
+        # while the heap still has holes that large).
+        if buf is None or len(buf) < frame.STATUS_BUF:
+            buf = bytearray(frame.STATUS_BUF)
+        self._frame_buf = buf
         self.sensor = None
         self.cycles = 0
         self.awake_ms_total = 0
@@ -52,8 +58,7 @@ class Node:
             "status_sent": 0,
         }
         self._status_due = True  # at boot, then every status_every cycles until one is sent
-        self._woke = wake is not None  # a deep-sleep wake: the same boot, one more cycle
-        if self._woke:
+        if wake is not None:  # a deep-sleep wake: the same boot, one more cycle
             from firmware import deep
 
             deep.restore(self, wake)
@@ -128,9 +133,21 @@ class Node:
                 if not self.send_status() or self.clock.offset() is None:
                     return False
                 continue
-            if not self._send_data(readings, ages):
+            n = len(readings)
+            seq = self.seq.take()
+            data = frame.encode_data(
+                self.signer,
+                self.cfg.node_id,
+                seq,
+                frame.BME280_CHANNELS,
+                readings,
+                ages,
+                self._frame_buf,
+            )
+            records = readings = ages = None  # the wait for the ack needs the heap more
+            if not self._transmit(data, seq, "frame", n):
                 return False
-            self.journal.ack(len(readings))
+            self.journal.ack(n)
         return True
 
     def _place(self, records):
@@ -162,19 +179,6 @@ class Node:
                 break
             n += 1
         return n
-
-    def _send_data(self, readings, ages):
-        seq = self.seq.take()
-        data = frame.encode_data(
-            self.signer,
-            self.cfg.node_id,
-            seq,
-            frame.BME280_CHANNELS,
-            readings,
-            ages,
-            self._frame_buf,
-        )
-        return self._transmit(data, seq, "frame", len(readings))
 
     def send_status(self):
         fields = {
@@ -254,7 +258,7 @@ class Node:
     def run(self, wdt=None):
         interval_ms = self.cfg.interval_s * 1000
         deep = getattr(self.board, "deep", False)
-        if not self._woke:
+        if not self.boot[2]:
             self.log.info(
                 "node",
                 "started",
@@ -292,18 +296,6 @@ class Node:
                 self.board.deepsleep(max(0, interval_ms - awake), sleeper.state(self))
             if not self.board.idle_ms(max(0, interval_ms - awake)):
                 break  # only a simulated world ends
-        self.send_pending(flush=True)
-        self.stats["pending"] = len(self.journal)
-        self.stats["dropped"] = self.journal.dropped
-        # awake time per cycle on the board's clock (simulated: sensor conversion, radio, acks)
-        self.stats["awake_ms_per_cycle"] = self.awake_ms_total // max(1, self.cycles)
-        governor = getattr(self.link, "governor", None)
-        if governor is not None:
-            self.stats["airtime_ms"] = governor.airtime_ms
-            self.stats["deferred"] = self.link.deferred
-        gc.collect()
-        self.stats["free_heap"] = gc.mem_free()
-        # In lines of at most 8 fields: one line of them all needs a 250-byte hole in the heap.
-        keys = sorted(self.stats)
-        for i in range(0, len(keys), 8):
-            self.log.info("node", "stopped", **{k: self.stats[k] for k in keys[i : i + 8]})
+        from firmware import ending  # only a simulated world ends: its code loads then
+
+        ending.report(self)

@@ -3,17 +3,13 @@
 # again until the next boot.
 
 import gc
-import sys
 
 
 def drop(names):
     """Forget firmware modules that are done, so their code leaves the heap."""
     import firmware
 
-    for name in names:
-        sys.modules.pop("firmware." + name, None)
-        if hasattr(firmware, name):
-            delattr(firmware, name)
+    firmware.forget(*names)
     gc.collect()
 
 
@@ -27,10 +23,34 @@ def build():
     cfg, board, log, boot_no, cause, wake = boot.prepare()
     boot = None
     drop(("boot", "config"))
+    try:
+        return _build(cfg, board, log, boot_no, cause, wake)
+    except Exception as e:  # a MemoryError, a bug: reset and try again, never stop at the REPL
+        log.error("node", "cannot start", exc=type(e).__name__, error=str(e))
+        log.save("lastlog.txt", "boot")
+        board.reset()
+        raise
+
+
+def _build(cfg, board, log, boot_no, cause, wake):
     if cfg.role == "gateway":
         from firmware.gateway import Gateway
 
         return Gateway(cfg, board, log), log, board, cfg.wdt_ms
+
+    # The node's frame buffer (protocols/frame.py STATUS_BUF bytes), while the heap is emptiest.
+    buf = bytearray(271)
+    # The sensor is opened first, while the heap is emptiest: its probing code (bme280_probe)
+    # leaves a hole that the modules loaded next fill. If it fails, the node probes again at
+    # its first sample and logs why.
+    from firmware import bme280
+
+    try:
+        sensor = bme280.BME280(board.i2c(), board.BME280_ADDRESS, sleep_ms=board.sleep_ms)
+        if wake is None:  # not again at every deep-sleep wake
+            log.info("sensor", "bme280 ready", address="0x%02x" % board.BME280_ADDRESS)
+    except bme280.SensorError:
+        sensor = None
 
     # The journal opens before the node's code is loaded: its boot-time code (journal_boot)
     # and the node's code are never on the heap together.
@@ -40,6 +60,8 @@ def build():
     try:
         sequence = Sequence(resume=_seq_state(wake))
         journal = Journal(capacity=cfg.journal_capacity, log=log)
+    except MemoryError:
+        raise  # not the flash's fault: build() logs it and resets
     except Exception as e:  # a corrupt counter or a broken filesystem: say so, do not send
         log.error("node", "cannot start", error=str(e))
         while board.idle_ms(_RETRY_MS):
@@ -60,7 +82,10 @@ def build():
         from firmware.links import UdpLink
 
         link = UdpLink(board, cfg.uplink, log)
-    node = Node(cfg, board, log, sequence, journal, link, Clock(boot_no), (boot_no, cause), wake)
+    gc.collect()  # then the node's objects fill the lowest holes
+    clock = Clock(boot_no)
+    node = Node(cfg, board, log, sequence, journal, link, clock, (boot_no, cause), wake, buf)
+    node.sensor = sensor
     return node, log, board, cfg.wdt_ms
 
 
