@@ -12,7 +12,7 @@ import pytest
 from conftest import shared_trace
 
 from host_tools import weather
-from host_tools.fleet import NODE_HEAP, NODE_MIN_HEAP, Fleet, NodeSpec
+from host_tools.fleet import NODE_HEAP, NODE_MIN_HEAP, Fleet, FleetError, NodeSpec
 from host_tools.receiver import Receiver, Verifier
 from host_tools.sinks import SqliteSink
 from protocols import frame, uplink
@@ -448,3 +448,15 @@ def test_a_crash_in_deep_sleep_mode_is_a_new_boot_and_loses_nothing(tmp_path):
     assert rejected == {}  # no seq was used twice (a duplicate or a replay)
     assert receiver.counters["frames_accepted"] == 3 and receiver.counters["status_accepted"] == 2
     assert_rows_stored(rows, stored, except_near={rows[7][0]})
+
+
+def test_a_heap_too_small_to_build_the_node_resets_it_with_a_log_line(tmp_path):
+    # Out of heap while the node is built: not a halt at the REPL, not "flash state unusable":
+    # a log line, the log saved, a reset (the simulator gives up after 20).
+    with pytest.raises(FleetError, match="reset 21 times"):
+        run_fleet(tmp_path, [NodeSpec(20, KEY, generated(5), 60, 10)], heap="52K")
+    log = (tmp_path / "fleet" / "node-20" / "console.log").read_text()
+    cannot = [ln for ln in log.splitlines() if ln.startswith("E 0.000 node cannot start ")]
+    assert len(cannot) == 21 and all("memory allocation failed" in ln for ln in cannot)
+    assert "exc=MemoryError" in log and "flash state unusable" not in log
+    assert "node log saved before the previous reset follows" in log
