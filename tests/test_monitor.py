@@ -641,7 +641,7 @@ def test_the_firmware_on_micropython_through_a_pty(board_build):
     tty.setraw(slave)
     name = os.ttyname(slave)
     c = Collector(name, frames=m.FrameDecoder({7: (KEY7,)}), give_up_s=0.2)
-    env = dict(os.environ, MICROPYPATH=".frozen:%s" % board_build["dir"])
+    env = dict(os.environ, MICROPYPATH=".frozen:.")  # the build, the cwd (conftest.run_mp)
     proc = subprocess.run(
         [board_build["micropython"], "-X", "heapsize=64K", "-c", MP_NODE_SCRIPT],
         stdout=master,
