@@ -35,7 +35,14 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from host_tools.keys import load_keys, save_keys  # noqa: E402
-from host_tools.receiver import Intake, Receiver, UdpSource, Verifier, serve  # noqa: E402
+from host_tools.receiver import (  # noqa: E402
+    Intake,
+    Receiver,
+    ReplayStore,
+    UdpSource,
+    Verifier,
+    serve,
+)
 from host_tools.sinks import SqliteSink, TeeSink  # noqa: E402
 from host_tools.spool import Spool  # noqa: E402
 from protocols.frame import BME280_CHANNELS, Signer, encode_data  # noqa: E402
@@ -168,7 +175,9 @@ def bench_udp(keys, frames, workdir):
     save_keys(keys_path, keys)
     db = Path(workdir) / "udp.db"
     sink = SqliteSink(db)
-    receiver = Receiver(Verifier(keys), sink)
+    # as `citynode receive` runs: the replay windows kept in a file beside the key file
+    store = ReplayStore(Path(workdir) / "keys.json.replay")
+    receiver = Receiver(Verifier(keys, store=store), sink)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     source = UdpSource(sock, poll_s=0.2)
@@ -197,6 +206,7 @@ def bench_udp(keys, frames, workdir):
         loop.join(5)
         source.stop()
         sink.close()
+        store.close()
     elapsed = float(out.strip())
     rows = stored_rows(db)
     if rows != len(frames) * READINGS_PER_FRAME * 3:

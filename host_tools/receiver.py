@@ -15,9 +15,11 @@
 # (a LoRa gateway stamps the end of reception, SPEC.md "Timing"), else None.
 
 import collections
+import hashlib
 import logging
 import queue
 import socket
+import sqlite3
 import threading
 import time
 
@@ -78,20 +80,70 @@ class ReplayWindow:
                 self.bitmap |= 1 << behind
 
 
+def key_id(key):
+    """A node key's fingerprint: the first 8 bytes of its SHA-256, in hex."""
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+class ReplayStore:
+    """The replay windows in a SQLite file, so that a restarted receiver still refuses the frames
+    it has seen (a replay after a restart would otherwise be stored again, at the wrong time).
+    One row per node: its key's fingerprint (a node given a new key starts from seq 0 again, so
+    its old window no longer applies), the highest seq, the window's bitmap (hex: 64 bits do not
+    fit SQLite's signed integers). WAL with synchronous=NORMAL: a power cut can lose the last
+    batches' rows, not corrupt the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS windows (node_id INTEGER PRIMARY KEY,"
+            " key_id TEXT NOT NULL, highest INTEGER NOT NULL, bitmap TEXT NOT NULL)"
+        )
+
+    def load(self):
+        """{node_id: (key_id, highest, bitmap)}"""
+        rows = self._db.execute("SELECT node_id, key_id, highest, bitmap FROM windows")
+        return {n: (k, h, int(b, 16)) for n, k, h, b in rows}
+
+    def save(self, rows):
+        """rows: [(node_id, key_id, highest, bitmap)], written in one transaction."""
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?)",
+                [(n, k, h, "%x" % b) for n, k, h, b in rows],
+            )
+
+    def close(self):
+        self._db.close()
+
+
 class Verifier:
     """Checks datagrams against the node keys and each node's replay window. check() does not
-    change state: call accept() once the frame's readings are durable.
+    change state: call accept() once the frame's readings are durable, then save() to keep the
+    windows in `store` (a ReplayStore; None: in memory only).
 
     Memory per known node is its key and, once it has sent, its window. Signers are built on use
     and kept in a bounded LRU cache (`signer_cache` nodes): a Signer costs a few hundred bytes
     (on MicroPython-style builds two 64-byte pads too), and building one is a microsecond."""
 
-    def __init__(self, keys, window=64, signer_cache=4096):
+    def __init__(self, keys, window=64, signer_cache=4096, store=None):
         self.keys = dict(keys)
         self.window = window
         self.signer_cache = max(1, signer_cache)
         self._signers = collections.OrderedDict()
         self._windows = {}
+        self.store = store
+        self._dirty = set()
+        if store is not None:
+            mask = (1 << window) - 1
+            for node_id, (kid, highest, bitmap) in store.load().items():
+                key = self.keys.get(node_id)
+                if key is not None and kid == key_id(key):
+                    w = self._windows[node_id] = ReplayWindow(window)
+                    w.highest, w.bitmap = highest, bitmap & mask
 
     def signer(self, node_id):
         """The node's Signer (cached); KeyError for an unknown node."""
@@ -151,6 +203,20 @@ class Verifier:
         if window is None:
             window = self._windows[data.node_id] = ReplayWindow(self.window)
         window.mark(data.seq)
+        if self.store is not None:
+            self._dirty.add(data.node_id)
+
+    def save(self):
+        """Write the windows accept() changed to the store (if any). Raises what the store
+        raises (sqlite3.Error, OSError); the windows stay marked to be written next time."""
+        if not self._dirty:
+            return
+        rows = []
+        for node_id in self._dirty:
+            w = self._windows[node_id]
+            rows.append((node_id, key_id(self.keys[node_id]), w.highest, w.bitmap))
+        self.store.save(rows)
+        self._dirty.clear()
 
 
 def iter_readings(data, rx_time):
@@ -249,6 +315,14 @@ class Receiver:
             else:
                 self._status(received)
             acks[i] = self._accept(received, rx_time)
+        if accepted and self.verifier.store is not None:
+            try:
+                self.verifier.save()
+            except (sqlite3.Error, OSError) as e:
+                # The readings are durable, so the acks go out; after a restart this batch's
+                # seqs would not be known as seen (SQLite's primary key still dedupes).
+                counters["replay_state_error"] += 1
+                self.log.error("replay state %s not saved: %s", self.verifier.store.path, e)
         return acks
 
     def _sink_failed(self, frames, e):

@@ -372,6 +372,10 @@ def test_spool_full_means_no_ack_then_recovers(tmp_path, keys):
             ["--spool", "x.db"],
             "citynode: --spool is for remote sinks (--webhook, --mqtt-out, --influx URL)",
         ),
+        (
+            ["--replay-state", "/nonexistent/dir/replay.db"],
+            "citynode: --replay-state /nonexistent/dir/replay.db: unable to open database file",
+        ),
         (["--status"], "citynode: --status needs --status-file PATH (the running receiver's)"),
         (
             ["--status", "--status-file", "/nonexistent/status.json"],
@@ -618,3 +622,38 @@ def test_serve_and_udp_source_on_real_sockets(tmp_path):
     assert core.counters["frames_accepted"] == 60 and core.counters["acks_sent"] == 60
     assert sum(s.counters["udp_datagrams"] for s in sources) == 60
     assert len(sqlite_rows(tmp_path / "rx.db")) == 180
+
+
+def test_a_restarted_receiver_still_refuses_a_replayed_frame(tmp_path, keys):
+    # An attacker (or a confused gateway) sends a captured frame again after the receiver
+    # restarted: with the replay state kept beside the key file it is a duplicate, not new
+    # readings at a wrong time; with --replay-state none the restarted receiver would take it.
+    datagram = frame.encode_data(frame.Signer(NODES[1]), 1, 7, BME, [(2100, 4000, 101000)], [0])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(3)
+    db = tmp_path / "rx.db"
+
+    def run_once(extra):
+        rx = Receiver("--keys", keys, "--udp", "127.0.0.1:0", "--db", db, *extra)
+        try:
+            port = int(rx.wait_for(r"listening on udp 127\.0\.0\.1:(\d+)").group(1))
+            sock.sendto(datagram, ("127.0.0.1", port))
+            try:
+                sock.recvfrom(512)
+                acked = True
+            except TimeoutError:
+                acked = False
+            assert rx.stop() == 0
+        finally:
+            rx.stop(signal.SIGKILL)
+        return acked, rx.drain()
+
+    try:
+        assert run_once([])[0] is True
+        acked, log = run_once([])
+        assert acked is False
+        assert "frame rejected reason=duplicate node=1" in log and "seq 7 already received" in log
+        assert (tmp_path / "keys.json.replay").exists()
+        assert run_once(["--replay-state", "none"])[0] is True  # memory only: taken again
+    finally:
+        sock.close()

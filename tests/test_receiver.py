@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from host_tools.receiver import (
     Receiver,
     Rejected,
+    ReplayStore,
     ReplayWindow,
     Verifier,
     frame_rows,
@@ -489,3 +490,53 @@ def test_udp_loop_survives_an_internal_error(client):
         thread.join(timeout=5)
         sock.close()
     assert not thread.is_alive()
+
+
+def test_replay_windows_survive_a_restart_in_their_store(tmp_path):
+    path = tmp_path / "replay.db"
+    store = ReplayStore(path)
+    rx = Receiver(Verifier(KEYS, store=store), ListSink(), clock=FakeClock())
+    for seq in (100, 98):
+        assert rx.datagram(data_frame(seq=seq)) is not None
+    assert rx.datagram(data_frame(node_id=8, seq=3)) is not None
+    store.close()
+
+    # A new receiver on the same store: what was seen is still seen, the window still moves.
+    v = Verifier(KEYS, store=ReplayStore(path))
+    for seq, reason in ((100, "duplicate"), (98, "duplicate"), (30, "replay")):
+        with pytest.raises(Rejected) as e:
+            v.check(data_frame(seq=seq))
+        assert e.value.reason == reason
+    assert v.check(data_frame(seq=99)).seq == 99  # inside the window, not seen
+    with pytest.raises(Rejected) as e:
+        v.check(data_frame(node_id=8, seq=3))
+    assert e.value.reason == "duplicate"
+
+    # Node 7 re-flashed with a new key counts from seq 0 again: its old window does not apply.
+    new_key = bytes(range(50, 66))
+    v = Verifier({7: new_key, 8: KEY8}, store=ReplayStore(path))
+    assert v.check(data_frame(seq=0, key=new_key)).seq == 0
+    with pytest.raises(Rejected):
+        v.check(data_frame(node_id=8, seq=3))
+
+
+class BrokenStore:
+    path = "/nowhere/replay.db"
+
+    def load(self):
+        return {}
+
+    def save(self, rows):
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_replay_state_that_cannot_be_saved_still_acks_durable_readings(caplog):
+    sink = ListSink()
+    rx = Receiver(Verifier(KEYS, store=BrokenStore()), sink, clock=FakeClock())
+    with caplog.at_level(logging.ERROR, logger="citynode.receiver"):
+        ack = rx.datagram(data_frame(seq=5))
+    assert ack is not None and len(sink.rows) == 9
+    assert rx.counters["replay_state_error"] == 1
+    assert "replay state /nowhere/replay.db not saved: disk I/O error" in caplog.text
+    with pytest.raises(Rejected):  # still known in memory
+        rx.verifier.check(data_frame(seq=5))

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -42,6 +43,12 @@ log = logging.getLogger("citynode")
 
 def add_arguments(p):
     p.add_argument("--keys", metavar="FILE", help="JSON key file (required to receive)")
+    p.add_argument(
+        "--replay-state",
+        metavar="PATH",
+        help="SQLite file keeping each node's replay window across restarts (default: the key "
+        "file's path + .replay; 'none': in memory only)",
+    )
     src = p.add_argument_group("sources (several at once; default --udp %s)" % DEFAULT_UDP)
     src.add_argument(
         "--udp",
@@ -368,7 +375,19 @@ def run(args):
             source.stop()
         sink.close()
         raise SinkError("spool %s: %s" % (spool.path, e)) from None
-    receiver = Receiver(Verifier(keys), sink)
+    store = None
+    state = args.replay_state or args.keys + ".replay"
+    if state != "none":
+        from host_tools.receiver import ReplayStore
+
+        try:
+            store = ReplayStore(state)
+        except (sqlite3.Error, OSError) as e:
+            for source in sources:
+                source.stop()
+            sink.close()
+            raise CliError("--replay-state %s: %s" % (state, e)) from None
+    receiver = Receiver(Verifier(keys, store=store), sink)
     status = Status(receiver, sources, spool, forwarders, args.status_file, len(keys))
     return _serve(receiver, sources, forwarders, sink, status)
 
@@ -431,5 +450,7 @@ def _serve(receiver, sources, forwarders, sink, status):
                 )
             f.sink.close()
         sink.close()
+        if receiver.verifier.store is not None:
+            receiver.verifier.store.close()
     print("citynode: final counters: %s" % counters_line(status.counters()), file=sys.stderr)
     return 0
