@@ -4,10 +4,11 @@
 # its next sample with reset cause DEEPSLEEP_RESET, its clock counting on (host_tools/fleet.py).
 # Loaded only by such nodes.
 
+from boards.sim import _RESET_FILE
+
 DEEPSLEEP_RESET = 4
 DEEPSLEEP_EXIT = 4  # process exit status: "wake me when the sleep is over"
 _RTC_FILE = "sim_rtc_memory"
-_RESET_FILE = "sim_reset_cause"  # boards/sim.py's
 
 
 def attach(board, raw):

@@ -19,17 +19,22 @@ _KEPT = (
 )
 
 
+_HEAD = "<HII"  # boot count, the sequence counter's next value and reserved bound
+_HEAD_LEN = 10
+
+
 def state(node):
     """What the node keeps through a deep sleep, as bytes (boot.prepare reads the boot count,
     start.py the sequence state, restore() the rest)."""
     vals = [node.boot[0]] + list(node.seq.state())
     vals += [node.cycles, node.awake_ms_total, node._misses, node._backoff, node._status_due]
     vals += [node.stats[k] for k in _KEPT]
-    return struct.pack("<HII%dI" % (len(vals) - 3), *vals)
+    return struct.pack(_HEAD + "%dI" % (len(vals) - 3), *vals)
 
 
 def restore(node, wake):
-    vals = struct.unpack_from("<%dI" % ((len(wake) - 10) // 4), wake, 10)
+    """The node's counters from a kept state (after the head boot.py and start.py read)."""
+    vals = struct.unpack_from("<%dI" % ((len(wake) - _HEAD_LEN) // 4), wake, _HEAD_LEN)
     node.cycles, node.awake_ms_total, node._misses, node._backoff = vals[:4]
     node._status_due = bool(vals[4])
     for i in range(min(len(_KEPT), len(vals) - 5)):

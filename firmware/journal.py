@@ -248,7 +248,7 @@ class Journal:
         try:
             from firmware import journal_merge
 
-            journal_merge.merge(self)
+            journal_merge.merge(self, base)
         except MemoryError:
             # Not fatal: the readings are safe in the small files; try again after T more.
             self._log("warning", "merge postponed: no heap to load it", next=nxt)

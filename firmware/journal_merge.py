@@ -22,15 +22,11 @@ _VERSION = const(1)
 _SEG_HEADER = const(12)
 
 
-def merge(self):
-    """While the host does not acknowledge, move each full range of S records from the
+def merge(self, base):
+    """Move the S records of the segment starting at index base (due: Journal._merge) from the
     small files into one segment file: written whole under a .tmp name, then renamed."""
     s, t, rec = self._s, self._t, self._rec
-    pos, nxt = self._pos, self._next
-    base = max(self._merged, pos - pos % s)
-    if nxt < base + s or nxt - pos < s:
-        return
-    first = max(base, pos)
+    first = max(base, self._pos)
     end = base + s
     name = self._segment(base)
     tmp = name + ".tmp"

@@ -271,7 +271,6 @@ class Node:
                 pending=len(self.journal),
                 idle="deep" if deep else "light",
             )
-        status_due = self._status_due
         # (a simulated board woken from deep sleep after its world ended only flushes and stops)
         while not getattr(self.board, "ended", False):
             if wdt is not None:
@@ -280,19 +279,18 @@ class Node:
             start = self.board.ticks_ms()
             self.sample()
             self.send_pending()
-            if status_due and not self._backoff and self.send_status():
-                status_due = False
+            if self._status_due and not self._backoff and self.send_status():
+                self._status_due = False
             if self._backoff:
                 self._backoff -= 1
             self.cycles += 1
             if self.cfg.status_every and self.cycles % self.cfg.status_every == 0:
-                status_due = True
+                self._status_due = True
             awake = self.board.ticks_ms() - start
             self.awake_ms_total += awake
             if deep:  # never returns: the board wakes through a reset, main.py runs again
                 from firmware import deep as sleeper
 
-                self._status_due = status_due
                 self.board.deepsleep(max(0, interval_ms - awake), sleeper.state(self))
             if not self.board.idle_ms(max(0, interval_ms - awake)):
                 break  # only a simulated world ends

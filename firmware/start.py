@@ -26,8 +26,10 @@ def build():
     try:
         return _build(cfg, board, log, boot_no, cause, wake)
     except Exception as e:  # a MemoryError, a bug: reset and try again, never stop at the REPL
+        from firmware.main import LAST_LOG
+
         log.error("node", "cannot start", exc=type(e).__name__, error=str(e))
-        log.save("lastlog.txt", "boot")
+        log.save(LAST_LOG, "boot")
         board.reset()
         raise
 
@@ -94,4 +96,4 @@ def _seq_state(wake):
         return None
     import struct
 
-    return struct.unpack_from("<II", wake, 2)  # after the boot count (node.py _wake_state)
+    return struct.unpack_from("<II", wake, 2)  # after the boot count (deep.py _HEAD)

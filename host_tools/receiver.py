@@ -315,7 +315,7 @@ class Receiver:
             else:
                 self._status(received)
             acks[i] = self._accept(received, rx_time)
-        if accepted and self.verifier.store is not None:
+        if accepted:
             try:
                 self.verifier.save()
             except (sqlite3.Error, OSError) as e:
