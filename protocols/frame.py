@@ -1,4 +1,5 @@
-# citynode frame codec, format v1, the part a node needs: encode DATA and STATUS, decode ACK.
+# citynode frame codec, formats v1 and v2, the part a node needs: encode DATA and STATUS, decode
+# ACK. A node writes v2 (every reading carries its index); v1 is written only for the vectors.
 # With uplink.py (decode DATA and STATUS) the one implementation of protocols/SPEC.md; pure,
 # sans-IO, and unchanged on MicroPython (ESP32, RP2, unix port) and CPython 3.11+. Split in
 # two so that a node's 64 KB heap holds only the half it runs.
@@ -18,7 +19,8 @@ try:  # CPython: OpenSSL's one-shot HMAC
 except ImportError:  # MicroPython: HMAC (RFC 2104) built on hashlib.sha256 below
     _hmac = None
 
-VERSION = const(1)
+VERSION = const(2)  # what this codec writes (SPEC.md "Versions"); it reads 1 and 2
+_V1 = const(1)
 TYPE_DATA = const(1)
 TYPE_ACK = const(2)
 TYPE_STATUS = const(3)
@@ -223,8 +225,8 @@ def _check_u32(value, what):
 # --- frames -----------------------------------------------------------------------------
 
 
-def _header(buf, ftype, node_id, seq):
-    buf[0] = (VERSION << 4) | ftype
+def _header(buf, ftype, node_id, seq, version=VERSION):
+    buf[0] = (version << 4) | ftype
     pos = _put_varint(buf, 1, node_id)
     if seq is not None:
         pos = _put_varint(buf, pos, seq)
@@ -262,17 +264,20 @@ def _gcd(a, b):
     return a
 
 
-def encode_data(signer, node_id, seq, channels, readings, ages, buf=None):
+def encode_data(signer, node_id, index, channels, readings, ages, buf=None, version=VERSION):
     """Encode readings (oldest first; one tuple of raw ints per reading, one int per channel)
     with their ages (whole seconds before sending, oldest first, non-increasing) into a
-    signed DATA frame. Raises ValueError on bad arguments, FrameError("too_long") if the
-    batch does not fit in MAX_FRAME bytes. buf: a bytearray of MAX_FRAME bytes to build the
-    frame in (a node allocates it once)."""
+    signed DATA frame. index: the reading index of the first reading (v2; readings i has index
+    + i), or the frame's seq with version=1. Raises ValueError on bad arguments,
+    FrameError("too_long") if the batch does not fit in MAX_FRAME bytes. buf: a bytearray of
+    MAX_FRAME bytes to build the frame in (a node allocates it once)."""
     _check_u32(node_id, "node_id")
-    _check_u32(seq, "seq")
+    _check_u32(index, "seq")  # v1; in v2 the first reading's index
     n = len(readings)
     if n < 1 or n > MAX_READINGS:
         raise ValueError("a frame holds 1..%d readings, got %d" % (MAX_READINGS, n))
+    if version > 1:
+        _check_u32(index + n - 1, "last reading index")
     if len(ages) != n:
         raise ValueError("%d readings but %d ages" % (n, len(ages)))
     nch = len(channels)
@@ -295,7 +300,7 @@ def encode_data(signer, node_id, seq, channels, readings, ages, buf=None):
 
     if buf is None:
         buf = bytearray(MAX_FRAME)
-    w = _BitWriter(buf, _header(buf, TYPE_DATA, node_id, seq), MAX_FRAME - TAG_LEN)
+    w = _BitWriter(buf, _header(buf, TYPE_DATA, node_id, index, version), MAX_FRAME - TAG_LEN)
     w.ue(n - 1)
     if tuple(channels) == BME280_CHANNELS:
         w.bits(1, 1)
@@ -369,8 +374,8 @@ def _check_frame(buf, ftype_expected=None):
         raise FrameError("truncated", "frame is %d bytes, too short for any frame" % n)
     version = buf[0] >> 4
     ftype = buf[0] & 0x0F
-    if version != VERSION:
-        raise FrameError("version", "unsupported frame version %d (this codec reads 1)" % version)
+    if version != VERSION and version != _V1:
+        raise FrameError("version", "unsupported frame version %d (reads 1, 2)" % version)
     if ftype not in (TYPE_DATA, TYPE_ACK, TYPE_STATUS):
         raise FrameError("type", "unknown frame type %d" % ftype)
     if ftype_expected is not None and ftype != ftype_expected:
@@ -379,9 +384,10 @@ def _check_frame(buf, ftype_expected=None):
 
 
 def decode_ack(buf, signer, node_id=None):
-    """Verify and decode an ACK frame: (node id, host time, acked ranges). With node_id, an
-    ack addressed to another node raises FrameError("other_node") before the tag is computed
-    (on LoRa every node hears every ack)."""
+    """Verify and decode an ACK frame: (node id, host time, acked ranges, echo). v2: the ranges
+    are reading indices and echo is the tag of the uplink frame acknowledged; v1: seq ranges and
+    echo None. With node_id, an ack addressed to another node raises FrameError("other_node")
+    before the tag is computed (on LoRa every node hears every ack)."""
     _check_frame(buf, TYPE_ACK)
     if node_id is not None:
         to, _ = _get_varint(buf, 1, len(buf) - TAG_LEN, "node id")
@@ -390,6 +396,12 @@ def decode_ack(buf, signer, node_id=None):
     end = signer.verify(buf)
     node_id, pos = _get_varint(buf, 1, end, "node id")
     host_time, pos = _get_varint(buf, pos, end, "host time")
+    echo = None
+    if buf[0] >> 4 != _V1:
+        echo = bytes(buf[pos : pos + TAG_LEN])
+        pos += TAG_LEN
+        if pos > end:
+            raise FrameError("truncated", "frame ends inside the echoed tag")
     count, pos = _get_varint(buf, pos, end, "range count")
     if count > 32:
         raise FrameError("structure", "ack range count %d exceeds 32" % count)
@@ -406,17 +418,17 @@ def decode_ack(buf, signer, node_id=None):
         nxt = last + 1
     if pos != end:
         raise FrameError("structure", "unexpected bytes after the ack ranges")
-    return node_id, host_time, acked
+    return node_id, host_time, acked, echo
 
 
-def encode_status(signer, node_id, seq, fields, buf=None):
+def encode_status(signer, node_id, seq, fields, buf=None, version=VERSION):
     """Signed STATUS frame: fields a dict {field id: signed int} (see uplink.STATUS_FIELDS).
     buf: a bytearray of at least STATUS_BUF bytes to build it in (a node allocates it once)."""
     _check_u32(node_id, "node_id")
     _check_u32(seq, "seq")
     if buf is None or len(buf) < STATUS_BUF:
         buf = bytearray(STATUS_BUF)
-    pos = _header(buf, TYPE_STATUS, node_id, seq)
+    pos = _header(buf, TYPE_STATUS, node_id, seq, version)
     pos = _put_varint(buf, pos, len(fields))
     for fid in sorted(fields):
         _check_u32(fid, "status field id")

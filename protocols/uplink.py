@@ -1,6 +1,7 @@
-# citynode frame codec, format v1, the part a host needs: verify and decode DATA and STATUS
-# frames (uplink), any frame by type, read a frame's header unverified (peek) and encode ACKs.
-# Shares every primitive with frame.py (the node's half); see SPEC.md.
+# citynode frame codec, formats v1 and v2, the part a host needs: verify and decode DATA and
+# STATUS frames (uplink), any frame by type, read a frame's header unverified (peek) and encode
+# ACKs (v1 for a v1 frame, v2 for a v2 one). Shares every primitive with frame.py (the node's
+# half); see SPEC.md.
 
 try:
     from collections import namedtuple
@@ -34,9 +35,15 @@ from protocols.frame import (
     _put_varint,
 )
 
-DataFrame = namedtuple("DataFrame", ("node_id", "seq", "channels", "readings", "ages"))
-Status = namedtuple("Status", ("node_id", "seq", "fields"))
-Ack = namedtuple("Ack", ("node_id", "host_time", "acked"))
+_V1 = 1  # frame._V1 is a const(), private to its module on MicroPython
+# index: the reading index of readings[0] (v2; reading i has index + i), None in a v1 frame;
+# seq: the v1 frame's sequence number, None in a v2 frame. version: 1 or 2.
+DataFrame = namedtuple(
+    "DataFrame", ("node_id", "seq", "channels", "readings", "ages", "index", "version")
+)
+Status = namedtuple("Status", ("node_id", "seq", "fields", "version"))
+# echo: the tag of the uplink frame a v2 ack acknowledges; None in a v1 ack.
+Ack = namedtuple("Ack", ("node_id", "host_time", "acked", "echo"))
 
 # Status frame fields (SPEC.md "Status frame"): id -> name.
 STATUS_FIELDS = {
@@ -68,7 +75,7 @@ def peek(buf):
     """(version, frame type, node id) from the header, unverified: for picking the key."""
     ftype = _check_frame(buf)
     node_id, _ = _get_varint(buf, 1, len(buf) - TAG_LEN, "node id")
-    return VERSION, ftype, node_id
+    return buf[0] >> 4, ftype, node_id
 
 
 def decode_ack(buf, signer):
@@ -76,16 +83,22 @@ def decode_ack(buf, signer):
     return Ack(*_frame.decode_ack(buf, signer))
 
 
-def encode_ack(signer, node_id, host_time, acked):
+def encode_ack(signer, node_id, host_time, acked, echo=None):
     """Signed ACK frame: host_time in unix seconds (UTC), acked a list of inclusive
-    (first_seq, last_seq) ranges, sorted and disjoint."""
+    (first, last) ranges, sorted and disjoint. With echo (the 4-byte tag of the uplink frame
+    acknowledged) a v2 ack whose ranges are reading indices; without, a v1 ack of seqs."""
     _check_u32(node_id, "node_id")
     _check_u32(host_time, "host_time")
     if len(acked) > 32:
         raise ValueError("an ack carries at most 32 ranges, got %d" % len(acked))
-    buf = bytearray(16 + 32 * 10)  # header, time, count, 32 ranges of two varints
-    pos = _header(buf, TYPE_ACK, node_id, None)
+    buf = bytearray(20 + 32 * 10)  # header, time, echo, count, 32 ranges of two varints
+    pos = _header(buf, TYPE_ACK, node_id, None, _V1 if echo is None else VERSION)
     pos = _put_varint(buf, pos, host_time)
+    if echo is not None:
+        if len(echo) != TAG_LEN:
+            raise ValueError("echo must be the %d-byte tag of a frame" % TAG_LEN)
+        buf[pos : pos + TAG_LEN] = echo
+        pos += TAG_LEN
     pos = _put_varint(buf, pos, len(acked))
     nxt = 0
     for first, last in acked:
@@ -141,7 +154,7 @@ class _BitReader:
 
 
 def decode(buf, signer):
-    """Verify and decode any v1 frame: DataFrame, Ack or Status."""
+    """Verify and decode any v1 or v2 frame: DataFrame, Ack or Status."""
     ftype = _check_frame(buf)
     if ftype == TYPE_DATA:
         return decode_data(buf, signer)
@@ -153,8 +166,14 @@ def decode(buf, signer):
 def decode_data(buf, signer):
     _check_frame(buf, TYPE_DATA)
     end = signer.verify(buf)
+    version = buf[0] >> 4
     node_id, pos = _get_varint(buf, 1, end, "node id")
-    seq, pos = _get_varint(buf, pos, end, "sequence number")
+    if version == _V1:
+        seq, pos = _get_varint(buf, pos, end, "sequence number")
+        index = None
+    else:
+        index, pos = _get_varint(buf, pos, end, "reading index")
+        seq = None
     r = _BitReader(buf, pos, end)
     # The header's fields are read inline, over local copies of the reader's state (a method
     # call per field was a fifth of the time); rare shapes go through the reader's methods.
@@ -171,6 +190,8 @@ def decode_data(buf, signer):
     flags = x & 3
     if n > MAX_READINGS:
         raise FrameError("structure", "reading count %d exceeds %d" % (n, MAX_READINGS))
+    if index is not None and index + n - 1 > MAX_U32:
+        raise FrameError("structure", "reading index exceeds 32 bits")
     r.v, r.left = v, left
     if flags & 2:
         channels = BME280_CHANNELS
@@ -207,7 +228,7 @@ def decode_data(buf, signer):
     if not r.padding_ok():
         raise FrameError("structure", "unexpected bytes after the readings")
     readings = list(zip(*columns))  # noqa: B905 - MicroPython's zip has no strict
-    return DataFrame(node_id, seq, channels, readings, ages)
+    return DataFrame(node_id, seq, channels, readings, ages, index, version)
 
 
 def _rice_deltas(r, column, count):
@@ -305,4 +326,4 @@ def decode_status(buf, signer):
         fields[fid] = _unzigzag(z)
     if pos != end:
         raise FrameError("structure", "unexpected bytes after the status fields")
-    return Status(node_id, seq, fields)
+    return Status(node_id, seq, fields, buf[0] >> 4)

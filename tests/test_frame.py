@@ -64,41 +64,63 @@ def test_data_vector_encodes_to_its_bytes_and_back(case):
     signer = signer_of(case)
     readings = [tuple(r) for r in case["readings"]]
     got = frame.encode_data(
-        signer, case["node_id"], case["seq"], case["channels"], readings, case["ages"]
+        signer, case["node_id"], case["seq"], case["channels"], readings, case["ages"], version=1
     )
     assert got.hex() == case["frame"]
     decoded = decoders.decode(bytes.fromhex(case["frame"]), signer)
     assert decoded == decoders.DataFrame(
-        case["node_id"], case["seq"], tuple(case["channels"]), readings, case["ages"]
+        case["node_id"], case["seq"], tuple(case["channels"]), readings, case["ages"], None, 1
     )
     assert decoders.decode_data(got, signer) == decoded
     assert uplink.peek(got) == (1, frame.TYPE_DATA, case["node_id"])
 
 
+@pytest.mark.parametrize("case", by_name("data_v2.json"))
+def test_data_v2_vector_encodes_to_its_bytes_and_back(case):
+    signer = signer_of(case)
+    readings = [tuple(r) for r in case["readings"]]
+    got = frame.encode_data(
+        signer, case["node_id"], case["index"], case["channels"], readings, case["ages"]
+    )
+    assert got.hex() == case["frame"]
+    assert got[0] == 0x21
+    decoded = decoders.decode(bytes.fromhex(case["frame"]), signer)
+    assert decoded == decoders.DataFrame(
+        case["node_id"], None, tuple(case["channels"]), readings, case["ages"], case["index"], 2
+    )
+    assert uplink.peek(got) == (2, frame.TYPE_DATA, case["node_id"])
+
+
 def test_single_reading_size_is_as_spec_says():
-    """SPEC.md 'Sizes': one BME280 reading, node id < 16384, seq < 2^21: 16 bytes."""
-    (case,) = [c for c in cases("data_single.json") if c["name"] == "bme280_sampled_now"]
-    assert len(bytes.fromhex(case["frame"])) == 16
+    """SPEC.md 'Sizes': one BME280 reading, node id < 16384, seq (v1) or reading index (v2)
+    < 2^21: 16 bytes in both versions."""
+    for name in ("data_single.json", "data_v2.json"):
+        (case,) = [c for c in cases(name) if c["name"] == "bme280_sampled_now"]
+        assert len(bytes.fromhex(case["frame"])) == 16, name
 
 
-@pytest.mark.parametrize("case", by_name("ack.json"))
+@pytest.mark.parametrize("case", by_name("ack.json") + by_name("ack_v2.json"))
 def test_ack_vector_encodes_to_its_bytes_and_back(case):
     signer = signer_of(case)
     acked = [tuple(r) for r in case["acked"]]
-    got = uplink.encode_ack(signer, case["node_id"], case["host_time"], acked)
+    echo = bytes.fromhex(case["echo"]) if "echo" in case else None
+    got = uplink.encode_ack(signer, case["node_id"], case["host_time"], acked, echo=echo)
     assert got.hex() == case["frame"]
-    want = uplink.Ack(case["node_id"], case["host_time"], acked)
+    want = uplink.Ack(case["node_id"], case["host_time"], acked, echo)
     assert uplink.decode_ack(got, signer) == want
     assert decoders.decode(got, signer) == want
+    # the node's half: the same, as a plain tuple
+    assert frame.decode_ack(got, signer, case["node_id"]) == tuple(want)
 
 
-@pytest.mark.parametrize("case", by_name("status.json"))
+@pytest.mark.parametrize("case", by_name("status.json") + by_name("status_v2.json"))
 def test_status_vector_encodes_to_its_bytes_and_back(case):
     signer = signer_of(case)
     fields = {int(fid): v for fid, v in case["fields"].items()}
-    got = frame.encode_status(signer, case["node_id"], case["seq"], fields)
+    version = bytes.fromhex(case["frame"])[0] >> 4
+    got = frame.encode_status(signer, case["node_id"], case["seq"], fields, version=version)
     assert got.hex() == case["frame"]
-    want = decoders.Status(case["node_id"], case["seq"], fields)
+    want = decoders.Status(case["node_id"], case["seq"], fields, version)
     assert decoders.decode_status(got, signer) == want
     assert decoders.decode(got, signer) == want
 
@@ -161,9 +183,9 @@ def data_args(draw, max_n=60):
     return draw(u32), draw(u32), channels, readings, ages
 
 
-def encode_or_none(args):
+def encode_or_none(args, version=1):
     try:
-        return frame.encode_data(SIGNER, *args)
+        return frame.encode_data(SIGNER, *args, version=version)
     except FrameError as e:
         assert e.reason == "too_long", str(e)
         return None
@@ -190,9 +212,30 @@ def test_data_round_trip(args):
     assume(buf is not None)
     assert len(buf) <= frame.MAX_FRAME
     assert decoders.decode(buf, SIGNER) == decoders.DataFrame(
-        node_id, seq, tuple(channels), readings, ages
+        node_id, seq, tuple(channels), readings, ages, None, 1
     )
     assert uplink.peek(buf) == (1, frame.TYPE_DATA, node_id)
+
+
+@PROPS
+@given(data_args())
+def test_data_v2_round_trip(args):
+    """v2: the same bitstream after a reading index; the bytes are v1's but for byte 0 and
+    the index in place of the seq (SPEC.md "Versions")."""
+    node_id, index, channels, readings, ages = args
+    assume(index + len(readings) - 1 <= U32)
+    buf = encode_or_none(args, version=2)
+    assume(buf is not None)
+    assert decoders.decode(buf, SIGNER) == decoders.DataFrame(
+        node_id, None, tuple(channels), readings, ages, index, 2
+    )
+    assert uplink.peek(buf) == (2, frame.TYPE_DATA, node_id)
+    assert buf[:-4] == bytes([0x21]) + encode_or_none(args, version=1)[1:-4]
+
+
+def test_data_v2_index_past_u32_is_refused():
+    with pytest.raises(ValueError, match="last reading index must be"):
+        frame.encode_data(SIGNER, 1, U32, BME, [(0, 0, 0), (0, 0, 0)], [10, 0])
 
 
 @settings(PROPS, max_examples=100)
@@ -219,7 +262,9 @@ def test_rice_k_is_the_cheapest():
     zigzag to 1, 48: k = 0 costs 25 bits, k = 4 costs 13, but frame._best_rice_k stops at
     k = 1 (23 + 2 bits > 25) believing the cost convex in k; escapes make it not convex."""
     args = (1, 1, (4,), [(0,), (-1,), (23,)], [20, 10, 0])
-    assert frame.encode_data(SIGNER, *args).hex() == mv.spec_encode_data(KEY, *args).hex()
+    assert (
+        frame.encode_data(SIGNER, *args, version=1).hex() == mv.spec_encode_data(KEY, *args).hex()
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -280,8 +325,12 @@ def test_ack_round_trip(node_id, host_time, acked):
         assert e.reason == "too_long"
         return
     assert len(buf) <= frame.MAX_FRAME
-    assert uplink.decode_ack(buf, SIGNER) == uplink.Ack(node_id, host_time, acked)
+    assert uplink.decode_ack(buf, SIGNER) == uplink.Ack(node_id, host_time, acked, None)
     assert uplink.peek(buf) == (1, frame.TYPE_ACK, node_id)
+    echo = node_id.to_bytes(4, "big")
+    buf = uplink.encode_ack(SIGNER, node_id, host_time, acked, echo=echo)
+    assert uplink.decode_ack(buf, SIGNER) == uplink.Ack(node_id, host_time, acked, echo)
+    assert uplink.peek(buf) == (2, frame.TYPE_ACK, node_id)
 
 
 @settings(max_examples=300, deadline=None)
@@ -293,8 +342,8 @@ def test_status_round_trip(node_id, seq, fields):
         assert e.reason == "too_long"
         return
     assert len(buf) <= frame.MAX_FRAME
-    assert decoders.decode_status(buf, SIGNER) == decoders.Status(node_id, seq, fields)
-    assert uplink.peek(buf) == (1, frame.TYPE_STATUS, node_id)
+    assert decoders.decode_status(buf, SIGNER) == decoders.Status(node_id, seq, fields, 2)
+    assert uplink.peek(buf) == (2, frame.TYPE_STATUS, node_id)
 
 
 def test_status_that_fits_is_not_too_long():
@@ -302,7 +351,7 @@ def test_status_that_fits_is_not_too_long():
     before writing each and refuses it as too_long from the 120th field on."""
     fields = {fid: 0 for fid in range(1, 121)}
     body = b"\x13\x00\x00\x78" + b"".join(bytes([fid, 0]) for fid in range(1, 121))
-    assert frame.encode_status(SIGNER, 0, 0, fields) == mv.sign(KEY, body)
+    assert frame.encode_status(SIGNER, 0, 0, fields, version=1) == mv.sign(KEY, body)
 
 
 # --- decoder gaps found while writing these tests (fail today) ------------------------------
@@ -338,7 +387,8 @@ GOOD = dict(node_id=1, seq=1, channels=BME, readings=[(2150, 4520, 101325)], age
 
 def encode(**changes):
     args = dict(GOOD, **changes)
-    return frame.encode_data(SIGNER, **args)
+    seq = args.pop("seq")
+    return frame.encode_data(SIGNER, index=seq, version=1, **args)
 
 
 @pytest.mark.parametrize(
@@ -442,7 +492,7 @@ def test_decode_ack_for_another_node_is_refused_before_its_tag():
     with pytest.raises(frame.FrameError) as e:
         frame.decode_ack(ack, frame.Signer(b"\xaa" * 16), 8)
     assert e.value.reason == "other_node" and str(e.value) == "ack for node 7"
-    assert frame.decode_ack(ack, SIGNER, 7) == (7, 1_750_000_000, [(3, 5)])
+    assert frame.decode_ack(ack, SIGNER, 7) == (7, 1_750_000_000, [(3, 5)], None)
     with pytest.raises(frame.FrameError) as e:
         frame.decode_ack(ack, frame.Signer(b"\xaa" * 16), 7)
     assert e.value.reason == "tag"

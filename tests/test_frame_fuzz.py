@@ -22,18 +22,28 @@ SIGNER = frame.Signer(KEY)
 U32 = 0xFFFFFFFF
 I32_MIN = -(1 << 31)
 I32_MAX = (1 << 31) - 1
-INTERESTING = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0x11, 0x12, 0x13, 0xFE, 0x0F, 0xF0)
+INTERESTING = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0x11, 0x12, 0x13, 0x21, 0x22, 0x23, 0xFE, 0x0F, 0xF0)
 
 
 def seed_frames(rng):
     """Valid frames under KEY: the vectors (re-signed under KEY) and random encodings."""
     out = []
-    for name in ("data_single.json", "data_batch.json", "ack.json", "status.json"):
+    for name in (
+        "data_single.json",
+        "data_batch.json",
+        "ack.json",
+        "status.json",
+        "data_v2.json",
+        "ack_v2.json",
+        "status_v2.json",
+    ):
         for case in json.loads((VECTORS / name).read_text())["cases"]:
             buf = bytes.fromhex(case["frame"])
             out.append(sign(buf[:-4]))
     while len(out) < 200:
         kind = rng.randrange(3)
+        version = rng.choice((1, 2))
+        echo = rng.getrandbits(32).to_bytes(4, "big") if version == 2 else None
         node_id, seq = rng.choice((rng.randrange(200), rng.getrandbits(32))), rng.getrandbits(20)
         if kind == 0:
             n = rng.randint(1, 30)
@@ -55,16 +65,20 @@ def seed_frames(rng):
             ages = [newest + step * (n - 1 - i) + rng.choice((0, 0, 0, 1)) * i for i in range(n)]
             ages.sort(reverse=True)
             try:
-                out.append(frame.encode_data(SIGNER, node_id, seq, channels, readings, ages))
+                out.append(
+                    frame.encode_data(
+                        SIGNER, node_id, seq, channels, readings, ages, version=version
+                    )
+                )
             except frame.FrameError:
                 pass
         elif kind == 1:
             bounds = sorted(set(rng.getrandbits(rng.choice((8, 32))) for _ in range(10)))
             acked = [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds) - 1, 2)]
-            out.append(uplink.encode_ack(SIGNER, node_id, rng.getrandbits(32), acked))
+            out.append(uplink.encode_ack(SIGNER, node_id, rng.getrandbits(32), acked, echo))
         else:
             fields = {rng.randint(1, 12): rng.randint(-100000, 100000) for _ in range(6)}
-            out.append(frame.encode_status(SIGNER, node_id, seq, fields))
+            out.append(frame.encode_status(SIGNER, node_id, seq, fields, version=version))
     return out
 
 
@@ -108,7 +122,7 @@ def garbage(rng):
     n = rng.choice((rng.randint(0, 12), rng.randint(0, 64), rng.randint(0, 300)))
     b = bytearray(rng.getrandbits(8) for _ in range(n))
     if n and rng.random() < 0.8:
-        b[0] = rng.choice((0x11, 0x12, 0x13))
+        b[0] = rng.choice((0x11, 0x12, 0x13, 0x21, 0x22, 0x23))
     return bytes(b)
 
 
@@ -117,18 +131,23 @@ def check_well_formed(d):
     assert 0 <= d.node_id <= U32
     if isinstance(d, uplink.Ack):
         assert 0 <= d.host_time <= U32 and len(d.acked) <= 32
+        assert d.echo is None or len(d.echo) == 4
         nxt = 0
         for first, last in d.acked:
             assert nxt <= first <= last <= U32
             nxt = last + 1
         return
-    assert 0 <= d.seq <= U32
     if isinstance(d, decoders.Status):
+        assert 0 <= d.seq <= U32 and d.version in (1, 2)
         for fid, v in d.fields.items():
             assert 0 <= fid <= U32 and I32_MIN <= v <= I32_MAX
         return
     assert isinstance(d, decoders.DataFrame)
     n = len(d.readings)
+    if d.version == 1:
+        assert 0 <= d.seq <= U32 and d.index is None
+    else:
+        assert d.seq is None and 0 <= d.index and d.index + n - 1 <= U32
     assert 1 <= len(d.channels) <= 32
     assert all(0 <= ch <= U32 for ch in d.channels), "channel id over u32: %r" % (d.channels,)
     assert 1 <= n <= frame.MAX_READINGS and len(d.ages) == n
@@ -143,11 +162,14 @@ def reencode(d):
     decoder accepts choices that the encoder would not make, e.g. a larger Rice k)."""
     try:
         if isinstance(d, uplink.Ack):
-            buf = uplink.encode_ack(SIGNER, d.node_id, d.host_time, d.acked)
+            buf = uplink.encode_ack(SIGNER, d.node_id, d.host_time, d.acked, d.echo)
         elif isinstance(d, decoders.Status):
-            buf = frame.encode_status(SIGNER, d.node_id, d.seq, d.fields)
+            buf = frame.encode_status(SIGNER, d.node_id, d.seq, d.fields, version=d.version)
         else:
-            buf = frame.encode_data(SIGNER, d.node_id, d.seq, d.channels, d.readings, d.ages)
+            first = d.seq if d.version == 1 else d.index
+            buf = frame.encode_data(
+                SIGNER, d.node_id, first, d.channels, d.readings, d.ages, version=d.version
+            )
     except frame.FrameError as e:  # the encoder's own choices may not fit where the frame did
         assert e.reason == "too_long", str(e)
         return

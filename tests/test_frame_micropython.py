@@ -39,10 +39,12 @@ DECODERS = {"ack": dec.decode_ack, "any": dec.decode, "data": dec.decode_data,
 
 def plain(d):
     if isinstance(d, dec.Ack):
-        return [d.node_id, d.host_time, [list(r) for r in d.acked]]
+        echo = None if d.echo is None else d.echo.hex()
+        return [d.node_id, d.host_time, [list(r) for r in d.acked], echo]
     if isinstance(d, dec.Status):
-        return [d.node_id, d.seq, sorted([fid, v] for fid, v in d.fields.items())]
-    return [d.node_id, d.seq, list(d.channels), [list(r) for r in d.readings], list(d.ages)]
+        return [d.node_id, d.seq, sorted([fid, v] for fid, v in d.fields.items()), d.version]
+    return [d.node_id, d.seq, list(d.channels), [list(r) for r in d.readings], list(d.ages),
+            d.index, d.version]
 
 
 while True:
@@ -53,17 +55,20 @@ while True:
     signer = frame.Signer(bytes.fromhex(c["key"]))
     out = {"name": c["name"]}
     try:
+        version = c.get("version", 1)
         if c["do"] == "data":
-            buf = frame.encode_data(signer, c["node_id"], c["seq"], c["channels"],
-                                    [tuple(r) for r in c["readings"]], c["ages"])
+            first = c["index"] if version == 2 else c["seq"]
+            buf = frame.encode_data(signer, c["node_id"], first, c["channels"],
+                                    [tuple(r) for r in c["readings"]], c["ages"], None, version)
         elif c["do"] == "ack":
+            echo = bytes.fromhex(c["echo"]) if c.get("echo") else None
             buf = dec.encode_ack(signer, c["node_id"], c["host_time"],
-                                   [tuple(r) for r in c["acked"]])
+                                 [tuple(r) for r in c["acked"]], echo)
         elif c["do"] == "status":
             fields = {}
             for fid in c["fields"]:
                 fields[int(fid)] = c["fields"][fid]
-            buf = frame.encode_status(signer, c["node_id"], c["seq"], fields)
+            buf = frame.encode_status(signer, c["node_id"], c["seq"], fields, None, version)
         else:
             buf = bytes.fromhex(c["frame"])
         if c["do"] != "invalid":
@@ -97,23 +102,42 @@ def decoded(r):
 
 
 def plain_data(c):
-    return [c["node_id"], c["seq"], c["channels"], c["readings"], c["ages"]]
+    version = c.get("version", 1)
+    return [
+        c["node_id"],
+        c.get("seq"),
+        c["channels"],
+        c["readings"],
+        c["ages"],
+        c.get("index"),
+        version,
+    ]
 
 
 def plain_case(c):
     if c["do"] == "data":
         return plain_data(c)
     if c["do"] == "ack":
-        return [c["node_id"], c["host_time"], c["acked"]]
-    return [c["node_id"], c["seq"], sorted([int(f), v] for f, v in c["fields"].items())]
+        return [c["node_id"], c["host_time"], c["acked"], c.get("echo")]
+    fields = sorted([int(f), v] for f, v in c["fields"].items())
+    return [c["node_id"], c["seq"], fields, c.get("version", 1)]
 
 
 def vector_cases():
     out = []
-    for name in ("data_single.json", "data_batch.json", "ack.json", "status.json"):
+    for name in (
+        "data_single.json",
+        "data_batch.json",
+        "ack.json",
+        "status.json",
+        "data_v2.json",
+        "ack_v2.json",
+        "status_v2.json",
+    ):
         do = name.split("_")[0].split(".")[0]
+        version = 2 if "_v2" in name else 1
         for c in json.loads((VECTORS / name).read_text())["cases"]:
-            out.append(dict(c, name="%s/%s" % (name, c["name"]), do=do))
+            out.append(dict(c, name="%s/%s" % (name, c["name"]), do=do, version=version))
     return out
 
 
@@ -185,7 +209,7 @@ def random_cases(count, seed):
         args = (rng.getrandbits(rng.choice((7, 14, 32))), rng.getrandbits(32), channels)
         try:
             mv.data_bits(channels, readings, ages)  # raises Ambiguous on an interval tie
-            buf = frame.encode_data(frame.Signer(mv.KEY), *args, readings, ages)
+            buf = frame.encode_data(frame.Signer(mv.KEY), *args, readings, ages, version=1)
         except (mv.Ambiguous, frame.FrameError):
             continue
         node_id, seq, _ = args
@@ -219,7 +243,8 @@ def test_random_batches_encode_alike_on_both_interpreters(random_on_mp):
         assert r.get("frame") == c["frame"], (c, r)
         d = decoders.decode(bytes.fromhex(r["frame"]), signer)  # MicroPython's bytes on CPython
         readings = [list(x) for x in d.readings]
-        assert [d.node_id, d.seq, list(d.channels), readings, list(d.ages)] == plain_data(c)
+        got = [d.node_id, d.seq, list(d.channels), readings, list(d.ages), d.index, d.version]
+        assert got == plain_data(c)
 
 
 def test_random_batches_decode_back_on_micropython(random_on_mp):
@@ -236,7 +261,9 @@ def test_interval_tie_encodes_alike_on_both_interpreters(run_mp):
     ages = [37, 32, 25, 18, 9, 0]
     with pytest.raises(mv.Ambiguous):
         mv.data_bits(args["channels"], args["readings"], ages)
-    cpython = frame.encode_data(frame.Signer(mv.KEY), ages=ages, **args).hex()
+    cpython = frame.encode_data(
+        frame.Signer(mv.KEY), 1, 1, [4], args["readings"], ages, version=1
+    ).hex()
     case = dict(args, name="tie", do="data", key=mv.KEY.hex(), ages=ages)
     r = run_cases(run_mp, [case])["tie"]
     assert r["frame"] == cpython

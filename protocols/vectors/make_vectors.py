@@ -1,5 +1,8 @@
-# Regenerates the frame format v1 test vectors (protocols/vectors/*.json) from protocols/frame.py,
-# cross-checked against an encoder written from SPEC.md alone. CPython only, host side.
+# Regenerates the frame format test vectors (protocols/vectors/*.json) from protocols/frame.py,
+# cross-checked against an encoder written from SPEC.md alone. CPython only, host side. v1 files
+# (data_single, data_batch, ack, status) stay as devices in the field send them; *_v2.json hold
+# format v2 (a DATA frame carries the reading index of its first reading, an ACK echoes the tag
+# of the frame it acknowledges).
 #
 #     python protocols/vectors/make_vectors.py           rewrite the five JSON files
 #     python protocols/vectors/make_vectors.py --check   exit 1 if any file is not up to date
@@ -38,7 +41,16 @@ INTERVALS = (10, 30, 60, 120, 300, 600, 900, 3600)  # SPEC.md "Timing"
 BASES = {1: (1500, 11), 2: (5000, 12), 3: (101325, 13)}  # SPEC.md "Channels": id -> (base, k0)
 GENERIC = (0, 8)
 
-FILES = ("data_single.json", "data_batch.json", "ack.json", "status.json", "invalid.json")
+FILES = (
+    "data_single.json",
+    "data_batch.json",
+    "ack.json",
+    "status.json",
+    "invalid.json",
+    "data_v2.json",
+    "ack_v2.json",
+    "status_v2.json",
+)
 
 
 class Ambiguous(ValueError):
@@ -189,9 +201,10 @@ def data_bits(channels, readings, ages):
     return w
 
 
-def spec_encode_data(key, node_id, seq, channels, readings, ages):
-    """A DATA frame built from SPEC.md alone (no frame.py code but the HMAC)."""
-    body = bytes([0x11]) + varint(node_id) + varint(seq)
+def spec_encode_data(key, node_id, seq, channels, readings, ages, version=1):
+    """A DATA frame built from SPEC.md alone (no frame.py code but the HMAC). seq: the v1
+    frame's seq, or the v2 frame's reading index of its first reading."""
+    body = bytes([version << 4 | 1]) + varint(node_id) + varint(seq)
     body += data_bits(channels, readings, ages).to_bytes()
     return sign(key, body)
 
@@ -199,10 +212,12 @@ def spec_encode_data(key, node_id, seq, channels, readings, ages):
 # --- valid cases ----------------------------------------------------------------------------
 
 
-def data_case(name, node_id, seq, channels, readings, ages, key=KEY, note=None):
+def data_case(name, node_id, seq, channels, readings, ages, key=KEY, note=None, version=1):
     readings = [list(r) for r in readings]
-    got = frame.encode_data(frame.Signer(key), node_id, seq, channels, readings, ages)
-    want = spec_encode_data(key, node_id, seq, channels, readings, ages)
+    got = frame.encode_data(
+        frame.Signer(key), node_id, seq, channels, readings, ages, version=version
+    )
+    want = spec_encode_data(key, node_id, seq, channels, readings, ages, version)
     if got != want:
         raise SystemExit(
             "case %s: frame.py gives %s, SPEC.md gives %s" % (name, got.hex(), want.hex())
@@ -210,10 +225,9 @@ def data_case(name, node_id, seq, channels, readings, ages, key=KEY, note=None):
     case = {"name": name}
     if note:
         case["note"] = note
+    case.update(key=key.hex(), node_id=node_id)
+    case["seq" if version == 1 else "index"] = seq
     case.update(
-        key=key.hex(),
-        node_id=node_id,
-        seq=seq,
         channels=list(channels),
         readings=readings,
         ages=list(ages),
@@ -441,9 +455,12 @@ def batch_cases():
     ]
 
 
-def ack_case(name, node_id, host_time, acked, key=KEY, note=None):
-    got = uplink.encode_ack(frame.Signer(key), node_id, host_time, acked)
-    body = bytes([0x12]) + varint(node_id) + varint(host_time) + varint(len(acked))
+def ack_case(name, node_id, host_time, acked, key=KEY, note=None, echo=None):
+    got = uplink.encode_ack(frame.Signer(key), node_id, host_time, acked, echo=echo)
+    if echo is None:
+        body = bytes([0x12]) + varint(node_id) + varint(host_time) + varint(len(acked))
+    else:
+        body = bytes([0x22]) + varint(node_id) + varint(host_time) + echo + varint(len(acked))
     nxt = 0
     for first, last in acked:
         body += varint(first - nxt) + varint(last - first)
@@ -453,13 +470,10 @@ def ack_case(name, node_id, host_time, acked, key=KEY, note=None):
     case = {"name": name}
     if note:
         case["note"] = note
-    case.update(
-        key=key.hex(),
-        node_id=node_id,
-        host_time=host_time,
-        acked=[list(r) for r in acked],
-        frame=got.hex(),
-    )
+    case.update(key=key.hex(), node_id=node_id, host_time=host_time)
+    if echo is not None:
+        case["echo"] = echo.hex()
+    case.update(acked=[list(r) for r in acked], frame=got.hex())
     return case
 
 
@@ -482,9 +496,9 @@ def ack_cases():
     ]
 
 
-def status_case(name, node_id, seq, fields, key=KEY, note=None):
-    got = frame.encode_status(frame.Signer(key), node_id, seq, fields)
-    body = bytes([0x13]) + varint(node_id) + varint(seq) + varint(len(fields))
+def status_case(name, node_id, seq, fields, key=KEY, note=None, version=1):
+    got = frame.encode_status(frame.Signer(key), node_id, seq, fields, version=version)
+    body = bytes([version << 4 | 3]) + varint(node_id) + varint(seq) + varint(len(fields))
     for fid in sorted(fields):
         body += varint(fid) + varint(zigzag(fields[fid]))
     if got != sign(key, body):
@@ -517,6 +531,72 @@ def status_cases():
     ]
 
 
+def data_v2_cases():
+    def v2(name, node_id, index, channels, readings, ages, **kw):
+        return data_case(name, node_id, index, channels, readings, ages, version=2, **kw)
+
+    return [
+        v2(
+            "bme280_sampled_now",
+            4242,
+            123456,
+            BME,
+            [(2150, 4520, 101325)],
+            [0],
+            note="SPEC.md 'Sizes': node id < 16384, reading index < 2^21: 16 bytes, as v1",
+        ),
+        v2("bme280_age_42s", 4242, 123457, BME, [(2153, 4517, 101318)], [42]),
+        v2("from_index_zero", 0, 0, BME, [(1500, 5000, 101325)], [0]),
+        v2(
+            "regular_60s_ten_readings",
+            17,
+            40310,
+            BME,
+            [(2150 + i % 3, 4520 - i, 101325 + 2 * i) for i in range(10)],
+            [60 * (9 - i) for i in range(10)],
+            note="readings 40310..40319",
+        ),
+        v2(
+            "last_index_is_u32_max",
+            U32,
+            U32 - 1,
+            BME,
+            [(2150, 4520, 101325), (2151, 4520, 101324)],
+            [10, 0],
+            note="the second reading has index 2^32 - 1, the largest",
+        ),
+        v2("other_key", 17, 1003, BME, [(2150, 4520, 101325)], [5], key=KEY2),
+    ]
+
+
+def ack_v2_cases():
+    t = 1767225600  # 2026-01-01T00:00:00Z
+    echo = bytes.fromhex("0badcafe")
+    return [
+        ack_case("status_frame", 17, t, [], echo=echo, note="acks a STATUS frame: no readings"),
+        ack_case("ten_readings", 17, t + 5, [(40310, 40319)], echo=echo),
+        ack_case("several_ranges", 17, t + 9, [(5, 9), (12, 12), (20, 40)], echo=echo),
+        ack_case("largest_values", U32, U32, [(U32 - 5, U32)], echo=bytes(4)),
+        ack_case("other_key", 17, t, [(1001, 1003)], key=KEY2, echo=echo),
+    ]
+
+
+def status_v2_cases():
+    return [
+        status_case(
+            "all_known_fields",
+            17,
+            104,
+            {1: 12, 2: 1, 3: 41232, 4: 37, 5: 0, 6: -87, 7: 10203, 8: 2, 9: 86400},
+            version=2,
+        ),
+        status_case("no_fields", 17, 105, {}, version=2),
+        status_case("unknown_field_42", 300, 8, {1: 3, 42: -1}, version=2),
+        status_case("i32_extremes", U32, U32, {1: I32_MAX, 6: I32_MIN}, version=2),
+        status_case("other_key", 17, 106, {9: 60}, key=KEY2, version=2),
+    ]
+
+
 # --- invalid frames -------------------------------------------------------------------------
 
 
@@ -542,8 +622,8 @@ def _one_bme_reading():
 
 
 def invalid_cases():
-    good = frame.encode_data(frame.Signer(KEY), 1, 1, BME, [(2150, 4520, 101325)], [0])
-    good_status = frame.encode_status(frame.Signer(KEY), 1, 2, {1: 3})
+    good = frame.encode_data(frame.Signer(KEY), 1, 1, BME, [(2150, 4520, 101325)], [0], version=1)
+    good_status = frame.encode_status(frame.Signer(KEY), 1, 2, {1: 3}, version=1)
     cases = []
     add = cases.append
 
@@ -586,7 +666,7 @@ def invalid_cases():
     )
     add(
         invalid_case(
-            "version_2", "version", sign(KEY, b"\x21" + good[1:-4]), "byte 0 = 0x21, signed"
+            "version_3", "version", sign(KEY, b"\x31" + good[1:-4]), "byte 0 = 0x31, signed"
         )
     )
 
@@ -793,6 +873,23 @@ def invalid_cases():
     )
     add(
         invalid_case(
+            "v2_index_over_u32",
+            "structure",
+            sign(KEY, b"\x21\x01" + varint(U32) + Bits().ue(1).u(1, 1).u(1, 1).ue(0).to_bytes()),
+            "v2, first reading index 2^32 - 1 and 2 readings: the second overflows",
+            decode="data",
+        )
+    )
+    add(
+        invalid_case(
+            "v2_ack_ends_inside_echo",
+            "truncated",
+            sign(KEY, b"\x22\x11\x00\x0b\xad"),
+            "v2 ack with 2 of the 4 bytes of its echoed tag",
+        )
+    )
+    add(
+        invalid_case(
             "status_value_over_u32",
             "structure",
             sign(KEY, b"\x13\x01\x02\x01\x01\x80\x80\x80\x80\x10"),
@@ -813,6 +910,12 @@ DESCRIPTIONS = {
     "ack.json": "ACK frames (SPEC.md type 2). acked lists inclusive [first, last] seq ranges.",
     "status.json": "STATUS frames (SPEC.md type 3). fields maps a field id (as a string: JSON "
     "keys are strings) to a signed 32-bit value.",
+    "data_v2.json": "DATA frames of format v2 (byte 0 = 0x21): index is the reading index of "
+    "the first reading (reading i has index + i). Encode with encode_data(Signer(key), node_id, "
+    "index, channels, readings, ages) and compare with frame; decode and compare back.",
+    "ack_v2.json": "ACK frames of format v2 (byte 0 = 0x22): echo is the tag of the uplink frame "
+    "acknowledged; acked lists inclusive [first, last] reading-index ranges.",
+    "status_v2.json": "STATUS frames of format v2 (byte 0 = 0x23), laid out as v1's.",
     "invalid.json": "Frames a decoder must reject, with the FrameError reason it must give "
     "(SPEC.md 'Errors'). decode: 'any' for decode(), else the typed decoder to call. Frames "
     "rejected by a rule behind the tag carry a valid tag under key, so the rule, not the tag "
@@ -828,6 +931,9 @@ def build_all():
         "ack.json": ack_cases(),
         "status.json": status_cases(),
         "invalid.json": invalid_cases(),
+        "data_v2.json": data_v2_cases(),
+        "ack_v2.json": ack_v2_cases(),
+        "status_v2.json": status_v2_cases(),
     }
     return {name: {"description": DESCRIPTIONS[name], "cases": cases[name]} for name in FILES}
 
