@@ -18,6 +18,11 @@
 # only when that record is not the first of a small file (at boot the oldest record on flash has
 # the say), so frames of 10 over small files of 5 cost no state write. A full journal drops the
 # oldest T readings at a time (one state write per T appends).
+# An index is never handed out twice (the host de-duplicates readings by node and index for
+# ever): an ack that empties the journal leaves no record on flash to say how far it went, so it
+# skips the state write only while it ends at most RESERVE (64) readings past the state's
+# position, and a boot that finds no record starts at the state's position + RESERVE (rounded
+# up to a small file): a gap of unused indices, one state write per ~RESERVE readings.
 #
 # Power cuts: a littlefs file write is atomic at close and rename is atomic, so the only states a
 # cut leaves are "record written or not", "state written or not" (the other copy is intact),
@@ -50,6 +55,7 @@ _ENOENT = const(2)
 _EEXIST = const(17)
 _ENOSPC = const(28)
 _VERSION = const(1)
+_RESERVE = const(64)  # see the header: indices an emptying ack may pass the state by
 _INLINE_MAX = const(128)  # littlefs inline_max = cache_size = 4 * max(readsize, progsize) = 128
 _SEG_HEADER = const(12)
 _STATE_SIZE = const(24)
@@ -82,7 +88,8 @@ class Journal:
     """Readings waiting for the host's acknowledgement, on flash, oldest first.
 
     append(boot, ms, values) stores one reading (durable when it returns); peek(n) gives the
-    oldest n as (boot, ms, values); ack(n) forgets them. When `capacity` readings are waiting,
+    oldest n as (boot, ms, values), contiguous, and sets `first` to the index of the first;
+    ack(n) forgets those up to first + n. When `capacity` readings are waiting,
     append drops the oldest T of them (5 with 3 channels) and counts them in `dropped`.
     segment_bytes: size of a merged segment file (default one 4 KB flash block); part of the
     on-flash layout, like record_channels: a journal is reopened with the values it was made
@@ -110,21 +117,21 @@ class Journal:
         self._buf = bytearray(rec)
         self._body = memoryview(self._buf)[: rec - 4]
         self._ibuf = bytearray(4)
-        self._sbuf = bytearray(_STATE_SIZE)
-        self._hbuf = bytearray(_SEG_HEADER)
-        self._hbody = memoryview(self._hbuf)[:8]
+        self._sbuf = bytearray(_STATE_SIZE)  # a state copy; a segment header when reading one
         self.dropped = 0  # readings dropped because the journal was full (persisted)
         self.corrupt = 0  # unreadable readings skipped since boot (bad CRC, missing file)
         self.merges = 0
         self.cleaned = 0  # leftover files removed at boot (after a power cut)
         self._pos = 0  # index of the oldest unacknowledged record
         self._next = 0  # index the next appended record gets
+        self._spos = 0  # the position the state on flash holds
         self._merged = 0  # records below this index live in segments, above in small files
         self._gen = 0
         self._tail_ok = False  # the small file for _next is known to hold exactly what it should
         from firmware import journal_boot  # boot-time code, dropped from the heap after boot
 
         journal_boot.boot(self)
+        self.first = self._pos  # peek(): the index of its first record (unreadable ones before)
 
     # --- names and helpers ---------------------------------------------------------------
 
@@ -161,12 +168,12 @@ class Journal:
         The header says where it starts; if the header is damaged, the size says it (a
         segment ends at base + S)."""
         rec, s = self._rec, self._s
-        hdr = self._hbuf
+        hdr = self._sbuf
         by_size = base + s - min(s, max(0, size - _SEG_HEADER) // rec)
         f.seek(0)
-        if f.readinto(hdr) != _SEG_HEADER:
+        if f.readinto(hdr) < _SEG_HEADER:
             return by_size, "no header"
-        if struct.unpack_from("<I", hdr, 8)[0] != binascii.crc32(self._hbody):
+        if struct.unpack_from("<I", hdr, 8)[0] != binascii.crc32(memoryview(hdr)[:8]):
             return by_size, "header CRC mismatch"
         magic, version, size_rec, first = struct.unpack_from(_SEG_FMT, hdr)
         if magic != _MAGIC or version != _VERSION or size_rec != rec:
@@ -196,6 +203,7 @@ class Journal:
                 _errno(e),
             )
         self._gen = gen
+        self._spos = pos
 
     # --- append --------------------------------------------------------------------------
 
@@ -257,17 +265,17 @@ class Journal:
 
     # --- read and acknowledge --------------------------------------------------------------
 
-    def _walk(self, n, rows):
-        """Visit up to n readable records from the oldest unacknowledged one, in order, and
-        put them in rows. Returns (index after the last visited record, readable, unreadable)."""
-        i = self._pos
-        nxt = self._next
+    def _walk(self, i, lim, rows, n=0):
+        """Visit the records i..lim-1 in order. Returns (the first readable one or -1,
+        unreadable ones). With a list `rows` (peek): put up to n readable records in it, and
+        stop before an unreadable record that follows them."""
         s, t, rec = self._s, self._t, self._rec
         buf = self._buf
-        found = 0
+        first = -1
         bad = 0
-        while found < n and i < nxt:
-            if i < self._merged:
+        while i < lim:
+            seg = i < self._merged
+            if seg:
                 base = i - i % s
                 name = self._segment(base)
                 end = base + s
@@ -275,8 +283,7 @@ class Journal:
                 base = i - i % t
                 name = self._small(base)
                 end = base + t
-            if end > nxt:
-                end = nxt
+            start = base  # the file's first record
             try:
                 f = open(name, "rb")
             except OSError as e:
@@ -284,67 +291,68 @@ class Journal:
                     raise JournalError(
                         "journal: cannot read %s: %s" % (name, _strerror(e)), _errno(e)
                     )
-                bad += end - i
-                i = end
-                continue
+                f = None
+                start = end
             try:
-                if i < self._merged:
+                if seg and f is not None:
                     f.seek(0, 2)
-                    first = self._first(f, base, f.tell())[0]
-                    if i < first:
-                        bad += min(first, end) - i
-                        i = min(first, end)
-                    offset = _SEG_HEADER + (i - first) * rec
-                else:
-                    offset = (i - base) * rec
-                f.seek(offset)
-                while found < n and i < end:
-                    if f.readinto(buf) != rec:
-                        bad += end - i
-                        i = end
-                        break
-                    if self._valid(i):
+                    start = self._first(f, base, f.tell())[0]
+                    f.seek(_SEG_HEADER + (max(i, start) - start) * rec)
+                elif f is not None:
+                    f.seek((i - base) * rec)
+                while i < end and i < lim:
+                    if i >= start and f.readinto(buf) == rec and self._valid(i):
+                        if first < 0:
+                            first = i
+                            if rows is not None:
+                                lim = min(lim, i + n)
                         if rows is not None:
                             v = struct.unpack_from(self._fmt, buf)
                             rows.append((v[0], v[1], v[2:]))
-                        found += 1
+                    elif first >= 0 and rows is not None:
+                        return first, bad
                     else:
                         bad += 1
                     i += 1
             except OSError as e:
                 raise JournalError("journal: cannot read %s: %s" % (name, _strerror(e)), _errno(e))
             finally:
-                f.close()
-        return i, found, bad
+                if f is not None:
+                    f.close()
+        return first, bad
 
     def peek(self, n):
-        """Up to n oldest unacknowledged readings as [(boot, ms, values)], oldest first.
-        Unreadable records (bad CRC, missing file) are skipped, so the list can be shorter
-        than len(); ack() counts and logs them when it passes them."""
+        """Up to n oldest unacknowledged readings as [(boot, ms, values)], oldest first and
+        contiguous: reading k has index self.first + k. Unreadable records (bad CRC, missing
+        file) before them are skipped (ack() counts and logs them); one after them ends the
+        list, so it can be shorter than n even when len() is not (a later peek skips it)."""
         rows = []
-        self._skip_unreadable(self._walk(n, rows))
+        first = -1
+        if n > 0:
+            first = self._walk(self._pos, self._next, rows, n)[0]
+            if first < 0 and len(self):
+                # Every waiting record is unreadable: forget them now (ack counts and logs
+                # them), as a node that waits for peek() to return something would otherwise
+                # wait for ever.
+                self.first = self._pos
+                try:
+                    self.ack(len(self))
+                except JournalError as e:
+                    self._log("error", "cannot skip them", error=str(e))
+        self.first = self._pos if first < 0 else first
         return rows
 
-    def _skip_unreadable(self, walked):
-        """If every waiting record is unreadable, forget them now: a node that waits for
-        peek() to return something would otherwise wait for ever."""
-        end, found, bad = walked
-        if found or not bad or end != self._next:
-            return
-        self.corrupt += bad
-        self._log("error", "skipped unreadable readings", n=bad, first=self._pos, last=end - 1)
-        try:
-            self._advance(end, 0)
-        except JournalError as e:
-            self._log("error", "cannot skip them", error=str(e))
-
     def ack(self, n):
-        """The n oldest readings (as peek returned them) reached the host: forget them.
-        Durable when it returns; raises JournalError if the state cannot be written."""
-        if n <= 0:
-            return
+        """The n readings from index `first` (as the last peek returned them; without one, from
+        the oldest) reached the host: forget every reading up to first + n. Durable when it
+        returns; raises JournalError if the state cannot be written."""
         old = self._pos
-        end, found, bad = self._walk(n, None)
+        first = self.first
+        end = min(first + n, self._next)
+        if n <= 0 or end <= old:
+            return
+        # peek() found those before first unreadable; count those after it that are
+        bad = first - old + self._walk(first, end, None)[1]
         if bad:
             self.corrupt += bad
             self._log("error", "skipped unreadable readings", n=bad, first=old, last=end - 1)
@@ -368,13 +376,19 @@ class Journal:
         """Make pos the oldest unacknowledged index (and add to the dropped count), durably,
         and remove the files below it."""
         old = self._pos
-        if not dropped and pos % self._t == 0 and pos >= self._merged:
+        if (
+            not dropped
+            and pos % self._t == 0
+            and pos >= self._merged
+            and (pos < self._next or pos - self._spos <= _RESERVE)
+        ):
             # pos starts a small file: removing the files below it, oldest first, is the
             # record of this ack (at boot the oldest file has the say), so the state is not
             # written. The usual case with frames of 10 and small files of 5: one commit less.
+            # With no record left, a boot starts RESERVE past the state: pos may not pass it.
             try:
                 self._delete_range(old, pos)
-                self._pos = pos
+                self._pos = self.first = pos
                 if pos > self._next:
                     self._next = pos
                 return
@@ -386,10 +400,12 @@ class Journal:
             if e.errno != _ENOSPC:
                 raise
             # Flash full: free what is below pos first (at worst those readings, which the
-            # host already has or which are being dropped, are later reported missing).
-            self._delete_range(old, pos)
+            # host already has or which are being dropped, are later reported missing), but
+            # the newest record's file: if the state still cannot be written, that file keeps
+            # the next boot from handing out its index again.
+            self._delete_range(old, min(pos, self._next - 1))
             self._write_state(pos, self.dropped + dropped)
-        self._pos = pos
+        self._pos = self.first = pos
         self.dropped += dropped
         if pos > self._next:
             self._next = pos

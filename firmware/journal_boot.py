@@ -30,6 +30,7 @@ _VERSION = const(1)
 _SEG_HEADER = const(12)
 _STATE_SIZE = const(24)
 _STATE_BODY = const(20)
+_RESERVE = const(64)
 
 
 def boot(self):
@@ -60,12 +61,15 @@ def boot(self):
         _clean(self)
         merged, end, oldest, files, leftovers, lowest_end = _scan(self, False)
     # Acks that end where a small file starts are not written to the state: removing the
-    # files below is what records them (see _advance). So the oldest record has the say,
-    # and with no record left, everything up to the next (or an empty) small file was
-    # acknowledged.
+    # files below is what records them (see _advance). So the oldest record has the say.
+    # With no record left, such acks went at most RESERVE past the state's position
+    # (_advance): start beyond, so that no index is handed out twice. The state stays as it
+    # is (no write a boot): the next ack that empties the journal writes it.
     if oldest > pos:
         pos = oldest
     elif oldest < 0:
+        if state is not None:
+            pos += _RESERVE
         pos += (self._t - pos % self._t) % self._t
         if end > pos:
             pos = end
@@ -182,6 +186,7 @@ def _read_state(self):
     if best is None:
         return None
     self._gen = best[2]
+    self._spos = best[0]
     return best[0], best[1]
 
 

@@ -134,18 +134,18 @@ class Node:
                     return False
                 continue
             n = len(readings)
-            seq = self.seq.take()
+            first = self.journal.first  # the reading index of records[0] (SPEC.md, v2)
             data = frame.encode_data(
                 self.signer,
                 self.cfg.node_id,
-                seq,
+                first,
                 frame.BME280_CHANNELS,
                 readings,
                 ages,
                 self._frame_buf,
             )
             records = readings = ages = None  # the wait for the ack needs the heap more
-            if not self._transmit(data, seq, "frame", n):
+            if not self._transmit(data, first, n):
                 return False
             self.journal.ack(n)
         return True
@@ -192,11 +192,13 @@ class Node:
             8: self.stats["sensor_faults"],
             9: self.board.ticks_ms() // 1000,
         }
-        seq = self.seq.take()
+        seq = self.seq.take()  # v2: status frames alone take seqs (a reading has its index)
         data = frame.encode_status(self.signer, self.cfg.node_id, seq, fields, self._frame_buf)
-        return self._transmit(data, seq, "status", 0)
+        return self._transmit(data, seq, 0)
 
-    def _transmit(self, data, seq, what, n):
+    def _transmit(self, data, first, n):
+        """Send a frame and wait for its ack. n readings from index first, or a STATUS frame
+        of that seq (n = 0)."""
         if not self.link.send(data):
             return False
         self.stats["frames_sent"] += 1
@@ -204,10 +206,10 @@ class Node:
             self.stats["status_sent"] += 1
         self.stats["bytes_sent"] += len(data)
         if n:
-            self.log.info("link", "sent frame", seq=seq, readings=n, bytes=len(data))
+            self.log.info("link", "sent frame", first=first, readings=n, bytes=len(data))
         else:
-            self.log.info("link", "sent " + what, seq=seq, bytes=len(data))
-        if self._await_ack(seq):
+            self.log.info("link", "sent status", seq=first, bytes=len(data))
+        if self._await_ack(data, first, n):
             self.stats["frames_acked"] += 1
             self._misses = 0
             return True
@@ -217,11 +219,11 @@ class Node:
             (1 << (self._misses - 1)) - 1 - (self.cycles & 1 if self._misses > 1 else 0)
         )
         self.log.warning(
-            "link", "no ack, will retry", seq=seq, pending=len(self.journal), backoff=self._backoff
+            "link", "no ack, will retry", pending=len(self.journal), backoff=self._backoff
         )
         return False
 
-    def _await_ack(self, seq):
+    def _await_ack(self, sent, first, n):
         deadline = self.board.ticks_ms() + self.cfg.ack_timeout_ms
         while True:
             left = deadline - self.board.ticks_ms()
@@ -230,28 +232,34 @@ class Node:
             data = self.link.receive(left)
             if data is None:
                 return False
-            if self._handle_ack(data, seq):
+            if self._handle_ack(data, sent, first, n):
                 return True
 
-    def _handle_ack(self, data, seq):
+    def _handle_ack(self, data, sent, first, n):
+        """True for an ack of the frame just sent: it echoes that frame's tag (so its host time
+        is fresh enough to set the clock by) and, for readings, acknowledges their indices."""
         try:
-            _, host_time, acked = frame.decode_ack(data, self.signer, self.cfg.node_id)
+            _, host_time, acked, echo = frame.decode_ack(data, self.signer, self.cfg.node_id)
         except frame.FrameError as e:
             if e.reason == "other_node":
                 return False  # on LoRa every node hears every ack: not ours, not an error
             self.stats["acks_rejected"] += 1
             self.log.warning("link", "ack rejected", reason=e.reason, detail=str(e))
             return False
-        for first, last in acked:
-            if first <= seq <= last:
-                # Only an ack of the frame just sent is fresh enough to set the clock by.
-                step = self.clock.sync(host_time, self.board.ticks_ms())
-                if step is not None:
-                    self.log.info("clock", "synced to host", utc=host_time, step_ms=step)
-                return True
-        self.stats["acks_rejected"] += 1
-        self.log.warning("link", "ack does not cover the frame sent", seq=seq)
-        return False
+        ok = echo == sent[len(sent) - frame.TAG_LEN :]  # (None for a v1 ack: not ours)
+        if ok and n:
+            ok = False
+            for a, b in acked:
+                if a <= first and first + n <= b + 1:
+                    ok = True
+        if not ok:  # an old ack replayed, or one for an earlier copy: its time may be stale
+            self.stats["acks_rejected"] += 1
+            self.log.warning("link", "ack for another frame", first=first)
+            return False
+        step = self.clock.sync(host_time, self.board.ticks_ms())
+        if step is not None:
+            self.log.info("clock", "synced to host", utc=host_time, step_ms=step)
+        return True
 
     # --- main loop ----------------------------------------------------------------------
 

@@ -41,6 +41,18 @@ def reading(k):
 def ids(j):
     return [r[2][0] for r in j.peek(len(j) + 1)]
 
+def drain(j, n=10):
+    # Peek and ack until the journal is empty: [(index, reading k)] of every row returned.
+    got = []
+    while len(j):
+        rows = j.peek(n)
+        got += [(j.first + i, rows[i][2][0]) for i in range(len(rows))]
+        if rows:
+            j.ack(len(rows))
+        elif len(j):
+            raise Exception("peek returned nothing, %d pending" % len(j))
+    return got
+
 def logged(level, text):
     return [l for l in LINES if l[0] == level and text in l]
 
@@ -194,6 +206,163 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+# --- reading indices --------------------------------------------------------------------------
+# The host de-duplicates readings by (node, index) for ever: an index handed out twice for
+# another reading is a reading lost without a trace.
+
+
+def test_an_ack_that_empties_the_journal_does_not_let_a_reboot_reuse_its_indices(run_mp):
+    out = mp(
+        run_mp,
+        """
+dev = mount()
+J = "/fl/journal"
+j = Journal(J, capacity=1000, log=LOG)
+for k in range(10):
+    j.append(*reading(k))
+rows = j.peek(10)
+r = {"first": j.first, "n": len(rows)}
+gen = j._gen
+j.ack(10)  # ends where a small file starts and empties the journal
+r["state_written"] = j._gen != gen
+r["files"] = sorted(os.listdir(J))
+dev = mount(dev.data)
+j = Journal(J, capacity=1000, log=LOG)
+j.append(*reading(10))
+r["rows"] = j.peek(10)
+r["after"] = j.first
+print(json.dumps(r))
+""",
+    )
+    r = last_json(out)
+    assert r["first"] == 0 and r["n"] == 10
+    # the ack was not written to the state (it still says 0) and no record is left ...
+    assert not r["state_written"] and r["files"] == ["state1"]
+    # ... so the boot starts past where such an ack can have gone: 0 + 64, rounded up to a
+    # small file of 5 (before: at 0 again, handing out 0..9 a second time)
+    assert r["rows"] == [[1, 10 * 60000, [10, -10, 100010]]] and r["after"] == 65
+
+
+def test_indices_only_grow_over_many_append_ack_reopen_cycles(run_mp):
+    out = mp(
+        run_mp,
+        """
+J = "/fl/journal"
+dev = mount()
+index = {}  # reading c -> its index
+top = -1
+fail = []
+gaps = []
+boot_writes = 0
+gen = None
+
+def look(j):
+    # every waiting reading keeps its index; a new one gets an index above all before it
+    global top
+    rows = j.peek(len(j) + 1)
+    for i in range(len(rows)):
+        c = rows[i][2][0]
+        if c in index:
+            if index[c] != j.first + i:
+                fail.append("reading %d moved %d -> %d" % (c, index[c], j.first + i))
+        else:
+            if j.first + i <= top:
+                fail.append("index %d reused (top %d)" % (j.first + i, top))
+            gaps.append(j.first + i - top - 1)
+            index[c] = top = j.first + i
+    return len(rows)
+
+count = 0
+for cycle in range(80):
+    dev = mount(dev.data)
+    j = Journal(J, capacity=1000, log=LOG)
+    if gen is not None and j._gen != gen:
+        boot_writes += 1
+    look(j)
+    for k in range((cycle * 7) % 13):
+        j.append(*reading(count))
+        count += 1
+        look(j)
+    n = look(j)
+    j.ack(n - (cycle % 3 if cycle % 4 == 0 else 0))  # now and then some wait for a reboot
+    gen = j._gen
+print(json.dumps({"fail": fail, "gaps": gaps, "count": count, "boot_writes": boot_writes}))
+""",
+    )
+    r = last_json(out)
+    assert r["fail"] == [] and len(r["gaps"]) == r["count"]
+    # a boot that finds no record skips at most RESERVE + T - 1 indices; most readings follow
+    # the one before
+    assert max(r["gaps"]) <= 64 + 4 and r["gaps"].count(0) > r["count"] * 3 // 4, r["gaps"]
+    assert r["boot_writes"] == 0  # opening a journal writes no state
+
+
+def test_acks_at_small_file_boundaries_write_the_state_once_per_reserve(run_mp):
+    # Flash wear: with the link up, frames of 10 end at small-file boundaries and empty the
+    # journal; such acks skip the state write while within RESERVE (64) of the state.
+    out = mp(
+        run_mp,
+        """
+mount(blocks=128)
+j = Journal("/fl/journal", capacity=1000, log=LOG)
+gen = j._gen
+for k in range(1400):
+    j.append(*reading(k))
+    if len(j) == 10:
+        rows = j.peek(10)
+        j.ack(len(rows))
+print(json.dumps({"writes": j._gen - gen, "len": len(j), "next": j._next}))
+""",
+    )
+    r = last_json(out)
+    assert r["len"] == 0 and r["next"] == 1400
+    assert 0 < r["writes"] <= 1400 // 64, r  # 20: one every 70 readings (before: none)
+
+
+# A journal as the firmware before v2 left it (written on CPython by that journal.py): state1
+# (position 0, generation 1), state0 (position 7, generation 2), readings 5..11 of
+# (1, k, (k, -k, 7)) in small files r00000005 and r0000000a.
+OLD_JOURNAL = {
+    "state0": "434a01160500b9000700000000000000020000009db195d8",
+    "state1": "434a01160500b900000000000000000001000000fcf7b8be",
+    "r00000005": "01000500000005000000fbffffff07000000124c486d01000600000006000000faffffff07000000"
+    "ce87ccc601000700000007000000f9ffffff070000001339a66a01000800000008000000f8ffffff0700000086"
+    "d9e88601000900000009000000f7ffffff0700000014722d7d",
+    "r0000000a": "01000a0000000a000000f6ffffff07000000c8b9a9d601000b0000000b000000f5ffffff07000000"
+    "1507c37a",
+}
+
+
+def test_a_journal_from_before_v2_opens_and_goes_on(run_mp):
+    out = mp(
+        run_mp,
+        """
+import binascii
+dev = mount()
+J = "/fl/journal"
+os.mkdir(J)
+for name, data in OLD.items():
+    put(J + "/" + name, binascii.unhexlify(data))
+j = Journal(J, capacity=1000, log=LOG)
+r = {"rows": j.peek(10), "first": j.first, "e": logged("E", "") + logged("W", "")}
+j.append(1, 12, (12, -12, 7))
+r["new"] = [j.first + len(j.peek(10)) - 1, j.peek(10)[-1]]
+j.ack(len(j.peek(10)))
+dev = mount(dev.data)
+j = Journal(J, capacity=1000, log=LOG)
+j.append(1, 13, (13, -13, 7))
+j.peek(1)
+r["after"] = j.first
+print(json.dumps(r))
+""".replace("OLD.items()", repr(OLD_JOURNAL) + ".items()"),
+    )
+    r = last_json(out)
+    assert r["rows"] == [[1, k, [k, -k, 7]] for k in range(7, 12)] and r["first"] == 7
+    assert r["e"] == []
+    assert r["new"] == [12, [1, 12, [12, -12, 7]]]
+    assert r["after"] > 12
+
+
 # --- power cuts -------------------------------------------------------------------------------
 
 # One MicroPython process cuts power CFG["cuts"] times at a random program/erase, "reboots"
@@ -232,6 +401,15 @@ if CFG["mutant"] == "state":
                 pass
         real_write_state(self, pos, dropped)
     Journal._write_state = write_state
+if CFG["mutant"] == "index":
+    # Broken on purpose: an empty journal starts where its state says (the boot before v2).
+    real_init = Journal.__init__
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        if not [n for n in os.listdir(self.path) if len(n) == 9]:  # no record file left
+            p = self._spos + (T - self._spos % T) % T
+            self._pos = self._next = self.first = p
+    Journal.__init__ = init
 if CFG["mutant"] == "seq":
     # Broken on purpose: the counter is saved after the numbers are handed out.
     def take(self):
@@ -258,6 +436,8 @@ def check(cond, what):
         raise Fail(what)
 
 rng = Rng(CFG["seed"])
+idx = {}  # reading k -> its journal index, while the journal may still hold it
+top = -1  # the highest index any reading ever got: a new one must get a higher one
 lo = 0  # oldest reading the node may still have to send
 appended = 0  # appends that returned: readings 0 .. appended - 1
 dropped = 0
@@ -265,7 +445,19 @@ max_seq = -1
 last_op = None
 last_arg = 0
 st = {"appends": 0, "acks": 0, "takes": 0, "resent": 0, "max_resent": 0, "dropped": 0,
-      "merges": 0, "cleaning_boots": 0, "max_pending": 0, "cut_in": {}, "overprogrammed": 0}
+      "merges": 0, "cleaning_boots": 0, "max_pending": 0, "cut_in": {}, "overprogrammed": 0,
+      "max_gap": 0}
+
+def indexed(k, i):
+    # Reading k has index i: the same as before, or (a new one) above every index used.
+    global top
+    if k in idx:
+        check(idx[k] == i, "reading %d had index %d, now %d" % (k, idx[k], i))
+        return
+    check(i > top, "reading index %d reused (up to %d handed out)" % (i, top))
+    st["max_gap"] = max(st["max_gap"], i - top - 1)
+    idx[k] = top = i
+
 t0 = time.ticks_ms()
 for cut in range(CFG["cuts"]):
     dev = SimFlash(data=image, seed=CFG["seed"] * 100003 + cut, raises=CFG["raises"])
@@ -286,6 +478,7 @@ for cut in range(CFG["cuts"]):
             hi2 = lo2 + n
             for i in range(n):
                 check(rows[i] == reading(lo2 + i), "row %d: %r" % (i, rows[i]))
+                indexed(lo2 + i, j.first + i)
             check(hi2 == appended or (last_op == "append" and hi2 == appended + 1),
                   "newest is %d after %d appends (cut in %s)" % (hi2 - 1, appended, last_op))
         else:
@@ -304,6 +497,8 @@ for cut in range(CFG["cuts"]):
         lo = lo2
         appended = hi2
         dropped = j.dropped
+        for k in [k for k in idx if k < lo]:
+            del idx[k]
         if j.cleaned:
             st["cleaning_boots"] += 1
         checked = True
@@ -317,6 +512,7 @@ for cut in range(CFG["cuts"]):
             if r < (45 if online else 80):
                 op = "append"
                 j.append(*reading(appended))
+                indexed(appended, j._next - 1)
                 appended += 1
                 d = j.dropped - dropped
                 lo += d
@@ -340,6 +536,7 @@ for cut in range(CFG["cuts"]):
                 rows = j.peek(1 + rng.below(12))
                 for i in range(len(rows)):
                     check(rows[i] == reading(lo + i), "peek row %d: %r" % (i, rows[i]))
+                    indexed(lo + i, j.first + i)
             check(len(j) == appended - lo, "len() %d, expected %d" % (len(j), appended - lo))
             st["max_pending"] = max(st["max_pending"], len(j))
             last_op = op
@@ -394,6 +591,9 @@ def assert_power_cut_run(out, cuts):
     assert {"append", "ack", "seq"} <= set(st["cut_in"]), st["cut_in"]
     assert st["merges"] > 0 and st["dropped"] > 0 and st["cleaning_boots"] > 0, st
     assert st["max_resent"] <= 12  # at most the one ack that was cut short is sent again
+    # no reading index handed out twice (checked in the run); a boot on an empty journal
+    # skips at most RESERVE + T - 1 of them
+    assert 0 < st["max_gap"] <= 64 + 4, st
     return st
 
 
@@ -421,6 +621,7 @@ def test_power_cuts_soak(run_mp, board, seed):
     [
         ("state", "came back"),  # or "dropped count went down": both are losses the check sees
         ("seq", "handed out again"),
+        ("index", "reading index"),  # "reading index 40 reused (up to 44 handed out)"
     ],
 )
 def test_power_cut_check_catches_a_broken_implementation(run_mp, mutant, message):
@@ -490,13 +691,76 @@ data[12 + 10 * 22 + 5] ^= 0x10  # reading 55
 put(name, data)
 j = reopen()
 a = ids(j)
-j.ack(60)
-print(json.dumps({"a": a, "corrupt": j.corrupt, "e": logged("E", ""), "next": ids(j)[0]}))
+fa = j.first
+j.ack(len(a))
+c = j.corrupt
+b = ids(j)
+fb = j.first
+j.ack(5)
+print(json.dumps({"a": a, "fa": fa, "c": c, "b": b, "fb": fb, "corrupt": j.corrupt,
+                  "e": logged("E", ""), "next": ids(j)[0], "fn": j.first}))
 """,
     )
-    assert r["a"] == [k for k in range(7, 120) if k != 55]
-    assert r["corrupt"] == 1 and r["next"] == 68  # 60 readable ones and the bad one acked
-    assert r["e"] == ["E 0.000 journal skipped unreadable readings first=7 last=67 n=1"]
+    # peek stops before the unreadable reading: its rows are contiguous from `first`
+    assert r["a"] == list(range(7, 55)) and r["fa"] == 7 and r["c"] == 0
+    # the next peek skips it; ack counts and logs it
+    assert r["b"] == list(range(56, 120)) and r["fb"] == 56
+    assert r["corrupt"] == 1 and r["next"] == r["fn"] == 61
+    assert r["e"] == ["E 0.000 journal skipped unreadable readings first=55 last=60 n=1"]
+
+
+def test_peek_returns_contiguous_runs_and_ack_counts_from_first(run_mp):
+    r = corrupt(
+        run_mp,
+        """
+name = J + "/r0000005a"
+data = bytearray(get(name))
+data[2 * 22 + 3] ^= 0x01  # reading 92
+put(name, data)
+os.remove(J + "/r00000064")  # 100..104
+j = reopen()
+j.ack(80)  # no peek: the 80 oldest, 7..86
+steps = []
+for n in (3, 20, 20, 20, 20):
+    rows = j.peek(n)
+    steps.append([j.first, [row[2][0] for row in rows], len(j)])
+    j.ack(len(rows))
+    steps[-1].append(j.corrupt)
+print(json.dumps({"steps": steps, "len": len(j), "e": logged("E", "")}))
+""",
+    )
+    assert r["steps"] == [
+        # [first, readings (index k holds reading k), len() before the ack, corrupt after]
+        [87, [87, 88, 89], 33, 0],
+        [90, [90, 91], 30, 0],  # ends before the unreadable 92
+        [93, list(range(93, 100)), 28, 1],  # 92 skipped and counted; ends before 100..104
+        [105, list(range(105, 120)), 20, 6],
+        [120, [], 0, 6],
+    ]
+    assert r["len"] == 0
+    assert r["e"] == [
+        "E 0.000 journal skipped unreadable readings first=92 last=99 n=1",
+        "E 0.000 journal skipped unreadable readings first=100 last=119 n=5",
+    ]
+
+
+def test_ack_beyond_the_peeked_run_counts_the_unreadable_readings_it_passes(run_mp):
+    r = corrupt(
+        run_mp,
+        """
+name = J + "/s0000002d"
+data = bytearray(get(name))
+data[12 + 10 * 22 + 5] ^= 0x10  # reading 55
+put(name, data)
+j = reopen()
+rows = j.peek(100)
+j.ack(60)  # more than the peek returned: 7..66
+print(json.dumps({"n": len(rows), "corrupt": j.corrupt, "next": ids(j)[0], "first": j.first,
+                  "e": logged("E", "")}))
+""",
+    )
+    assert r["n"] == 48 and r["corrupt"] == 1 and r["next"] == r["first"] == 67
+    assert r["e"] == ["E 0.000 journal skipped unreadable readings first=7 last=66 n=1"]
 
 
 def test_bad_segment_header_is_logged_and_its_readings_kept(run_mp):
@@ -525,14 +789,15 @@ name = J + "/s0000002d"
 put(name, get(name)[: 12 + 30 * 22 + 11])  # 45..74 kept, 75 torn, 76..89 gone
 os.remove(J + "/r00000064")  # 100..104
 j = reopen()
-a = ids(j)
-while len(j):
-    j.ack(len(j.peek(10)))
-print(json.dumps({"a": a, "corrupt": j.corrupt, "e": logged("E", "")}))
+first = ids(j)
+got = drain(j)
+print(json.dumps({"first": first, "a": [k for i, k in got], "at": all(i == k for i, k in got),
+                  "corrupt": j.corrupt, "e": logged("E", "")}))
 """,
     )
     gone = set(range(75, 90)) | set(range(100, 105))
-    assert r["a"] == [k for k in range(7, 120) if k not in gone]
+    assert r["first"] == list(range(7, 75))  # a peek ends at the first gap
+    assert r["a"] == [k for k in range(7, 120) if k not in gone] and r["at"]
     assert r["corrupt"] == len(gone)
     assert any("bad segment" in e and "file=/fl/journal/s0000002d" in e for e in r["e"]), r["e"]
     skipped = [e for e in r["e"] if "skipped unreadable" in e]
@@ -652,9 +917,17 @@ FUZZ_OPEN = """
 lines = []
 try:
     j = Journal(JPATH, capacity=1000, segment_bytes=1024, log=Log(lambda: 0, out=lines.append))
-    rows = j.peek(1000)
-    ok = [r[2][0] for r in rows if r == reading(r[2][0])]
-    print(json.dumps({"ids": [r[2][0] for r in rows], "ok": len(ok) == len(rows), "len": len(j)}))
+    n = len(j)
+    ids = []
+    ok = True
+    while len(j):
+        rows = j.peek(1000)  # one contiguous run from j.first
+        for i in range(len(rows)):
+            k = rows[i][2][0]
+            ok = ok and rows[i] == reading(k) and j.first + i == k  # index k holds reading k
+            ids.append(k)
+        j.ack(len(rows))
+    print(json.dumps({"ids": ids, "ok": ok, "len": n}))
 except JournalError as e:
     print(json.dumps({"error": str(e)}))
 """

@@ -117,7 +117,9 @@ def test_node_log_lines_are_greppable(tmp_path):
     assert len(sent) == 3  # 10 + 10 + the 5 flushed when the simulated world ends
     level, uptime, subsystem = sent[0].split()[:3]
     assert (level, subsystem) == ("I", "link") and float(uptime) == pytest.approx(540, abs=1)
-    assert "seq=1" in sent[0] and "readings=10" in sent[0]  # seq 0 was the status frame
+    # format v2: the frame carries its readings' indices (the status frame took seq 0)
+    assert "first=0 " in sent[0] and "readings=10" in sent[0]
+    assert "first=10 " in sent[1]
 
 
 class ForgeFirstAcks:
@@ -317,8 +319,10 @@ class RewriteAck:
             return ack
         signer = self.receiver.verifier.signer(uplink.peek(ack)[2])
         a = uplink.decode_ack(ack, signer)
-        host_time, acked = self.edit(a)
-        return uplink.encode_ack(signer, a.node_id, host_time, acked)
+        edited = self.edit(a)
+        host_time, acked = edited[:2]
+        echo = edited[2] if len(edited) > 2 else a.echo
+        return uplink.encode_ack(signer, a.node_id, host_time, acked, echo=echo)
 
     def __getattr__(self, name):
         return getattr(self.receiver, name)
@@ -339,7 +343,7 @@ def test_host_clock_jumping_back_does_not_move_timestamps(tmp_path):
     assert_rows_stored(rows, stored)
 
 
-def test_ack_for_a_seq_never_sent_is_refused(tmp_path):
+def test_ack_for_readings_never_sent_is_refused(tmp_path):
     rows = generated(30)
     results, stored, _ = run_fleet(
         tmp_path,
@@ -347,7 +351,23 @@ def test_ack_for_a_seq_never_sent_is_refused(tmp_path):
         wrap=lambda r: RewriteAck(r, 2, lambda a: (a.host_time, [(1000, 1000)])),
     )
     log = console(results[0])
-    assert "link ack does not cover the frame sent seq=1" in log
+    assert "link ack for another frame first=0" in log
+    assert results[0]["stats"]["acks_rejected"] == 1
+    assert_rows_stored(rows, stored)
+
+
+def test_ack_of_another_frame_is_refused_and_sets_no_clock(tmp_path):
+    """An ack whose echoed tag is not the frame just sent (an old ack replayed, or one for an
+    earlier copy of the same readings) is refused: its host time may be stale."""
+    rows = generated(30)
+    results, stored, _ = run_fleet(
+        tmp_path,
+        [NodeSpec(16, KEY, rows, 60, 10)],
+        wrap=lambda r: RewriteAck(r, 2, lambda a: (a.host_time - 3600, a.acked, bytes(4))),
+    )
+    log = console(results[0])
+    assert "link ack for another frame first=0" in log
+    assert "step_ms=-36" not in log
     assert results[0]["stats"]["acks_rejected"] == 1
     assert_rows_stored(rows, stored)
 
