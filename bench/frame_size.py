@@ -58,17 +58,17 @@ def batches(rows, size):
     return [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]
 
 
-def encode_batch(signer, node_id, seq, batch):
+def encode_batch(signer, node_id, seq, batch, version=1):
     """Encode one batch as it is sent when its newest reading is sampled; returns
-    (frame, readings, ages)."""
+    (frame, readings, ages). seq: v1's frame seq, or v2's first reading index."""
     newest = batch[-1][0]
     ages = [newest - ts for ts, _ in (quantise(r) for r in batch)]
     readings = [quantise(r)[1] for r in batch]
-    frame = encode_data(signer, node_id, seq, BME280_CHANNELS, readings, ages)
+    frame = encode_data(signer, node_id, seq, BME280_CHANNELS, readings, ages, version=version)
     return frame, readings, ages
 
 
-def measure(rows, size, node_id, seq0, signer=None):
+def measure(rows, size, node_id, seq0, signer=None, version=1):
     """Encode a trace in frames of `size` readings, decode every frame and check it against
     the input (CodecMismatch if not). Returns frame count, readings, total bytes, min/max
     frame bytes and total airtime (s) at each SF in SFS."""
@@ -78,12 +78,12 @@ def measure(rows, size, node_id, seq0, signer=None):
     largest = 0
     airtime = dict.fromkeys(SFS, 0.0)
     for i, batch in enumerate(batches(rows, size)):
-        seq = seq0 + i
-        frame, readings, ages = encode_batch(signer, node_id, seq, batch)
+        seq = seq0 + i if version == 1 else seq0 + i * size  # v2: the reading index
+        frame, readings, ages = encode_batch(signer, node_id, seq, batch, version)
         got = decode_data(frame, signer)
         if (
             got.node_id != node_id
-            or got.seq != seq
+            or (got.seq if version == 1 else got.index) != seq
             or tuple(got.channels) != BME280_CHANNELS
             or [tuple(r) for r in got.readings] != readings
             or list(got.ages) != ages
@@ -306,6 +306,62 @@ def targets(runs):
     )
 
 
+def readings_a_year(rows):
+    """How many readings the trace's node samples in a year (from its median interval)."""
+    gaps = sorted(rows[i + 1][0] - rows[i][0] for i in range(min(len(rows) - 1, 1000)))
+    return round(365 * 86400 / gaps[len(gaps) // 2])
+
+
+TARGET_V2_EXTRA_B = 0.1  # identity issue: v2 within 0.1 B/reading of v1 at batch 10
+
+
+def versions(runs):
+    """v1 (seq) against v2 (reading index) on each trace, a node in its second year: the seq
+    counts frames (52 560 a year at batch 10 on 1-min samples, 5 256 on 10-min), the index
+    counts readings (525 600 and 52 560)."""
+    print("## Frame format v1 against v2 (the reading index in place of the seq)\n")
+    print(
+        "| trace | batch | v1 seq from | v1 B/reading | v2 index from | v2 B/reading | v2 - v1 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    ok = True
+    notes = []
+    for label, run in runs:
+        rows = run["trace"]
+        per_year = readings_a_year(rows)
+        node_id = SETTINGS["typical"][0]
+        for size in (1, 10):
+            seq0 = per_year // size  # frames a year
+            v1 = measure(rows, size, node_id, seq0)
+            v2 = measure(rows, size, node_id, per_year, version=2)
+            extra = v2["b_per_reading"] - v1["b_per_reading"]
+            print(
+                "| %s | %d | %d | %.3f | %d | %.3f | %+.3f |"
+                % (label, size, seq0, v1["b_per_reading"], per_year, v2["b_per_reading"], extra)
+            )
+            if size == 10:
+                ok &= extra <= TARGET_V2_EXTRA_B + 1e-9
+                print_later = (label, extra)
+            else:
+                one = v2["max_frame"]
+        notes.append(
+            "- %s: v2 frames of 10 within %.1f B/reading of v1: %+.3f -> %s; v2 frame of one "
+            "reading <= %d B: max %d B -> %s"
+            % (
+                label,
+                TARGET_V2_EXTRA_B,
+                print_later[1],
+                verdict(print_later[1] <= TARGET_V2_EXTRA_B + 1e-9),  # 1 B / 10, exactly
+                TARGET_ONE_READING_B,
+                one,
+                verdict(one <= TARGET_ONE_READING_B),
+            )
+        )
+    print()
+    print("\n".join(notes))
+    return ok
+
+
 def main():
     print("# frame_size: bytes and airtime per reading on the real traces\n")
     runs = []
@@ -317,6 +373,8 @@ def main():
         report(label, filename, run)
         runs.append((label, run))
     targets(runs)
+    print()
+    versions(runs)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ def pin(cpu):
         return "not pinned (%s)" % e
 
 
-def make_frames(n_frames, seed=1):
-    """n_frames DATA frames of 10 BME280 readings from FLEET nodes, seqs rising per node."""
+def make_frames(n_frames, seed=1, version=2):
+    """n_frames DATA frames of 10 BME280 readings from FLEET nodes, seqs (v1) or reading
+    indices (v2: 10 a frame) rising per node."""
     rng = random.Random(seed)
     keys = {node: rng.randbytes(16) for node in range(1, FLEET + 1)}
     signers = {node: Signer(key) for node, key in keys.items()}
@@ -85,7 +86,12 @@ def make_frames(n_frames, seed=1):
             for k in range(READINGS_PER_FRAME)
         ]
         ages = [older + 60 * (READINGS_PER_FRAME - 1 - k) for k in range(READINGS_PER_FRAME)]
-        frames.append(encode_data(signers[node], node, seq, BME280_CHANNELS, readings, ages))
+        first = seq if version == 1 else (seq - 1) * READINGS_PER_FRAME
+        frames.append(
+            encode_data(
+                signers[node], node, first, BME280_CHANNELS, readings, ages, version=version
+            )
+        )
     return keys, frames
 
 
@@ -94,10 +100,10 @@ def stored_rows(db):
         return conn.execute("SELECT count(*) FROM readings").fetchone()[0]
 
 
-def bench_core(keys, frames, workdir, spooled=False):
+def bench_core(keys, frames, workdir, spooled=False, tag=""):
     """Readings/s through Receiver.handle into SQLite (and, with spooled, also into the spool
     of the remote sinks: a second fsync per batch, as `--db` with `--webhook` does)."""
-    db = Path(workdir) / ("core-spooled.db" if spooled else "core.db")
+    db = Path(workdir) / ("core%s%s.db" % ("-spooled" if spooled else "", tag))
     sink = SqliteSink(db)
     if spooled:
         spool = Spool(Path(workdir) / "spool.db")
@@ -159,7 +165,8 @@ def sender_main(port, frames_path, node_keys_path):
             continue
         node = peek(reply)[2]
         ack = decode_ack(reply, signers[node])
-        seq = ack.acked[0][0]
+        first = ack.acked[0][0]
+        seq = first if ack.echo is None else first // READINGS_PER_FRAME + 1
         i = (seq - 1) * FLEET + (node - 1)
         if pending.pop(i, None) is not None:
             done += 1
@@ -224,7 +231,9 @@ def bench_memory(n_nodes, workdir):
     frames = []
     for node, key in keys.items():
         signer = Signer(key)
-        frames.append(encode_data(signer, node, 5, BME280_CHANNELS, [(2150, 4500, 101325)], [0]))
+        frames.append(  # v1: a replay window per node (v2 readings need none)
+            encode_data(signer, node, 5, BME280_CHANNELS, [(2150, 4500, 101325)], [0], version=1)
+        )
     del keys
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -255,10 +264,17 @@ def main():
     keys, frames = make_frames(args.frames)
     with tempfile.TemporaryDirectory(prefix="citynode-bench-") as workdir:
         note = pin(0)
+        _, frames_v1 = make_frames(args.frames, version=1)
+        core_v1 = bench_core(keys, frames_v1, workdir, tag="-v1")
+        print(
+            "core  v1 frames (no identity: the 1.5 s resent rule in SQL): %8.0f readings/s"
+            % core_v1
+        )
         core = bench_core(keys, frames, workdir)
         print(
             "core  verify + SQLite (WAL, synchronous=FULL), batches of %d: %8.0f readings/s  "
-            "(%d frames of %d readings, %s)" % (BATCH, core, len(frames), READINGS_PER_FRAME, note)
+            "(v2 frames: identity key; %d frames of %d readings, %s)"
+            % (BATCH, core, len(frames), READINGS_PER_FRAME, note)
         )
         spooled = bench_core(keys, frames, workdir, spooled=True)
         print(

@@ -3,9 +3,12 @@
 #
 # Each forwarder reads a batch past its progress mark, hands it to sink.deliver(rows) (which
 # returns only once the remote end confirmed, within the sink's timeout), then moves the mark.
-# A failure is counted by reason, logged, and retried after an exponential back-off with jitter;
-# the same batch is offered again, so delivery is at least once and the reading ids make it
-# exactly once for a backend that keeps one copy per id (host_tools/sinks.py).
+# A failure is counted by reason, logged, and retried after an exponential back-off with jitter
+# (at least the Retry-After the remote end asked for, up to the back-off's cap); the same batch
+# is offered again, so delivery is at least once and the reading ids make it exactly once for a
+# backend that keeps one copy per id (host_tools/sinks.py). A batch the remote end refused for
+# good (DeliveryError.permanent: an HTTP 4xx) goes to the spool's dead letters, counted and
+# logged once, and the forwarder carries on with the next (host_tools/spool.py: requeue).
 
 import collections
 import logging
@@ -83,7 +86,10 @@ class Forwarder:
             try:
                 self.sink.deliver([r[1:] for r in rows])
             except DeliveryError as e:
-                self._failed(e.reason, str(e), len(rows))
+                if e.permanent:
+                    self._dead_letter(rows, e)
+                else:
+                    self._failed(e.reason, str(e), len(rows), e.retry_after)
                 continue
             except Exception as e:  # a bug in a sink: count, log, retry; never lose the rows
                 self.log.exception(
@@ -109,11 +115,48 @@ class Forwarder:
             self.retry_at = None
             self.state = "idle"
 
-    def _failed(self, reason, message, count):
+    def _dead_letter(self, rows, error):
+        """The sink refused rows for good: to the dead letters, and on with the next batch."""
+        try:
+            self.spool.dead_letter(self.name, rows, error.reason, str(error))
+        except Exception as e:  # kept in the queue: retried like any failure
+            self._failed(
+                "spool",
+                "cannot move %d readings to the dead letters: %s: %s (the sink said: %s)"
+                % (len(rows), type(e).__name__, e, error),
+                len(rows),
+            )
+            return
+        self.counters["failed_" + error.reason] += 1
+        self.counters["dead_letter"] += len(rows)
+        self.last_error = str(error)
+        self.log.error(
+            "%s: %d readings refused, not retried: %s; moved to the spool's dead letters "
+            "(spool ids %d..%d); once the cause is fixed, queue them again with "
+            "Spool(%r).requeue(%r)",
+            self.name,
+            len(rows),
+            error,
+            rows[0][0],
+            rows[-1][0],
+            self.spool.path,
+            self.name,
+        )
+        self.backoff.reset()
+        self.retry_at = None
+        self.state = "idle"
+        try:
+            self.spool.prune()
+        except Exception as e:  # pruned by a later delivery
+            self.log.warning("%s: cannot prune the spool: %s", self.name, e)
+
+    def _failed(self, reason, message, count, retry_after=None):
         self.counters["failed_" + reason] += 1
         self.last_error = message
         self.state = "retrying"
         delay = self.backoff.next()
+        if retry_after is not None:  # asked by the remote end; --retry-max still bounds it
+            delay = max(delay, min(retry_after, self.backoff.cap))
         self.retry_at = time.time() + delay
         try:
             waiting = self.spool.backlog(self.name)
@@ -135,11 +178,13 @@ class Forwarder:
         """A JSON-ready summary for the status file."""
         try:
             backlog = self.spool.backlog(self.name)
+            dead = self.spool.dead_count(self.name)
         except Exception:
-            backlog = None
+            backlog = dead = None
         return {
             "state": self.state,
             "backlog": backlog,
+            "dead_letters": dead,
             "counters": dict(self.counters),
             "last_error": self.last_error,
             "retry_at": self.retry_at,

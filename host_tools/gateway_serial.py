@@ -22,6 +22,10 @@ ACK_FREQ_KHZ = 869525  # EU868 869.4-869.65 MHz: 10 % duty cycle, room for many 
 ACK_POWER_DBM = 14
 DRIFT = 100e-6  # the kept offset may rise this much a second: crystals drift < 100 ppm
 JUMP_S = 10.0  # an offset or elapsed-time mismatch beyond this means the gateway rebooted
+# Gateways whose clock and seq a line keeps, least recently heard forgotten first. A line holds
+# one gateway or a short chain; the rest is a noisy or hostile line inventing ids (u32), which
+# would otherwise grow the state without end (about 300 bytes an id).
+MAX_GATEWAYS_PER_LINE = 256
 _U32 = 1 << 32
 
 log = logging.getLogger("citynode.gateway")
@@ -87,6 +91,16 @@ class GatewayClock:
         return ms / 1000 + self.offset
 
 
+class _Gateway:
+    """What a line keeps about one gateway heard on it."""
+
+    __slots__ = ("clock", "seq")
+
+    def __init__(self):
+        self.clock = GatewayClock()
+        self.seq = None  # the last message seq
+
+
 class _Line:
     """One serial line to one gateway (or a chain of them sharing it)."""
 
@@ -98,8 +112,8 @@ class _Line:
         self._seen = dict.fromkeys(_DEFRAMER_COUNTERS, 0)
         self._write_lock = threading.Lock()
         self.log_quiet_until = 0.0
-        self.clocks = {}  # gw_id -> GatewayClock
-        self.seqs = {}  # gw_id -> last message seq
+        self.evict_log_quiet_until = 0.0
+        self.gateways = collections.OrderedDict()  # gw_id -> _Gateway, least recent first
 
     def send(self, data):
         with self._write_lock:
@@ -146,6 +160,8 @@ class SerialGatewaySource:
       gateway_copies_merged, gateway_late_copies (dropped: the frame was already handed on),
       gateway_frames (handed to the intake), intake_full
       gateway_messages_lost (gaps in a gateway's message seq), gateway_clock_resets
+      gateway_state_evicted (a gateway's clock and seq forgotten: more than
+        max_gateways ids heard on one line)
       gateway_line_bad_crc, _bad_cobs, _oversize, _too_short, _bad_message, _garbage_bytes
       downlinks_sent, downlink_send_errors, downlink_<result> (the gateways' TX_RESULTs)
       gateway_status (status lines)"""
@@ -163,11 +179,14 @@ class SerialGatewaySource:
         poll_s=0.05,
         backoff=None,
         late_memory_s=10.0,
+        max_gateways=MAX_GATEWAYS_PER_LINE,
     ):
         if isinstance(urls, str):
             urls = [urls]
         if not urls:
             raise ValueError("no serial line given")
+        if max_gateways < 1:
+            raise ValueError("max_gateways must be at least 1, got %d" % max_gateways)
         self.urls = list(urls)
         self.name = "serial " + ", ".join(self.urls)
         self.baudrate = baudrate
@@ -179,6 +198,7 @@ class SerialGatewaySource:
         self.ack_power_dbm = ack_power_dbm
         self.poll_s = poll_s
         self.late_memory_s = late_memory_s
+        self.max_gateways = max_gateways
         self._backoff = backoff or (lambda: Backoff(0.5, 30.0))
         self.counters = collections.Counter()
         self.lines = [_Line(url, self) for url in self.urls]
@@ -305,10 +325,9 @@ class SerialGatewaySource:
             self.counters["gateway_line_bad_message"] += 1  # a gateway does not send these
             log.warning("serial %s: a DOWNLINK from the gateway side, ignored", line.url)
             return
-        self._check_seq(line, msg)
-        clock = line.clocks.get(msg.gw_id)
-        if clock is None:
-            clock = line.clocks[msg.gw_id] = GatewayClock()
+        gateway = self._gateway(line, msg.gw_id)
+        self._check_seq(gateway, msg)
+        clock = gateway.clock
         resets = clock.resets
         if isinstance(msg, gwlink.Uplink):
             clock.observe(msg.rx_ms, now)
@@ -331,9 +350,33 @@ class SerialGatewaySource:
             if msg.result != gwlink.SENT:
                 log.warning("gateway %d: downlink %d not sent: %s", msg.gw_id, msg.msg_id, name)
 
-    def _check_seq(self, line, msg):
-        last = line.seqs.get(msg.gw_id)
-        line.seqs[msg.gw_id] = msg.seq
+    def _gateway(self, line, gw_id):
+        """The state of gw_id on this line, made most recent; a new id beyond max_gateways
+        forgets the least recently heard one (its next message starts its clock afresh)."""
+        gateways = line.gateways
+        gateway = gateways.get(gw_id)
+        if gateway is not None:
+            gateways.move_to_end(gw_id)
+            return gateway
+        if len(gateways) >= self.max_gateways:
+            old_id, _ = gateways.popitem(last=False)
+            self.counters["gateway_state_evicted"] += 1
+            if self.monotonic() >= line.evict_log_quiet_until:  # one such line a minute
+                line.evict_log_quiet_until = self.monotonic() + 60.0
+                log.warning(
+                    "serial %s: more than %d gateway ids heard (now %d); forgot gateway %d "
+                    "(%d forgotten so far: a noisy line?)",
+                    line.url,
+                    self.max_gateways,
+                    gw_id,
+                    old_id,
+                    self.counters["gateway_state_evicted"],
+                )
+        gateway = gateways[gw_id] = _Gateway()
+        return gateway
+
+    def _check_seq(self, gateway, msg):
+        last, gateway.seq = gateway.seq, msg.seq
         if last is None:
             return
         gap = (msg.seq - last - 1) % 0x10000

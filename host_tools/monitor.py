@@ -289,6 +289,10 @@ def _frame_content(decoded):
             pairs = zip(quantities, raw_values, strict=True)
             values = {name: raw / scale for (name, scale), raw in pairs}
             readings.append({"age_s": age, "values": values})
+        if decoded.index is not None:  # v2: each reading's identity is index + i
+            for i, reading in enumerate(readings):
+                reading["index"] = decoded.index + i
+            return {"index": decoded.index, "readings": readings}
         return {"seq": decoded.seq, "readings": readings}
     if isinstance(decoded, uplink.Ack):
         return {"host_time": decoded.host_time, "acked": [list(r) for r in decoded.acked]}
@@ -350,6 +354,8 @@ def _frame_rows(f):
         head = "frame: %s node=%d" % (f["type"], f["node_id"])
         if "seq" in f:
             head += " seq=%d" % f["seq"]
+        if "index" in f:
+            head += " index=%d" % f["index"]
         head += " bytes=%d" % f["bytes"]
         if "key" in f:
             head += " key=%s" % f["key"]

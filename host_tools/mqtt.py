@@ -1,7 +1,9 @@
-# MQTT at the receiver's two edges, with paho-mqtt (2.x callback API): a source (gateways
-# publish raw frames to a topic; acks go back on `<that topic>/ack`) and a remote sink (one JSON
-# reading per message on `<prefix>/<node_id>/<quantity>`, QoS 1, not retained), with optional
-# Home Assistant MQTT discovery so each node's sensors appear there without configuration.
+# MQTT at the receiver's two edges, with paho-mqtt (2.x callback API): two sources (gateways
+# publish raw frames to a topic, acks go back on `<that topic>/ack`; nodes publish their own
+# frames on `citynode/up/<node_id>`, consumed by several receivers through one MQTT v5 shared
+# subscription, acks on `citynode/down/<node_id>`) and a remote sink (one JSON reading per
+# message on `<prefix>/<node_id>/<quantity>`, QoS 1, not retained), with optional Home Assistant
+# MQTT discovery so each node's sensors appear there without configuration.
 #
 # URLs: mqtt://[user[:password]@]host[:port][/topic] (mqtts:// for TLS). The topic is taken
 # verbatim after the first "/", so "+" and "#" wildcards work: mqtt://broker/citynode/up/#.
@@ -9,14 +11,23 @@
 import collections
 import json
 import logging
+import os
+import random
+import secrets
+import socket
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
 
 import paho.mqtt.client as paho
 
+from host_tools.logfold import FoldingLog
+from host_tools.receiver import MAX_DATAGRAM
 from host_tools.sinks import DeliveryError, SinkError, reading_json
+from protocols import uplink
+from protocols.frame import MAX_U32, FrameError
 
 DEFAULT_PREFIX = "citynode"
 HA_PREFIX = "homeassistant"
@@ -37,10 +48,10 @@ HA_SENSORS = {
 class MqttUrl:
     """A parsed mqtt:// URL: host, port, tls, username, password, topic ("" if none)."""
 
-    def __init__(self, text, what):
+    def __init__(self, text, what, form="mqtt://HOST[:PORT][/TOPIC]"):
         scheme, sep, rest = text.partition("://")
         if not sep or scheme not in ("mqtt", "mqtts"):
-            raise SinkError("%s: expected mqtt://HOST[:PORT][/TOPIC], got %r" % (what, text))
+            raise SinkError("%s: expected %s, got %r" % (what, form, text))
         netloc, _, self.topic = rest.partition("/")
         parts = urllib.parse.urlsplit("//" + netloc)
         try:
@@ -195,7 +206,7 @@ class MqttSink:
         infos = []
         announcing = set()
         for row in rows:
-            node_id, _, quantity, _ = row
+            node_id, _, _, quantity, _ = row
             if self.ha_prefix and (node_id, quantity) not in self._announced:
                 if (node_id, quantity) not in announcing:
                     topic, config = ha_discovery(node_id, quantity, self.prefix, self.ha_prefix)
@@ -291,7 +302,10 @@ class MqttSource:
                         "mqtt publish to %s: %s" % (ack_topic, paho.error_string(info.rc))
                     )
 
-            if not intake.put(bytes(message.payload), reply):
+            if len(message.payload) > MAX_DATAGRAM:  # no frame is that long
+                self.counters["oversize"] += 1
+                return
+            if not intake.put(bytes(message.payload), reply, time.time()):
                 self.counters["intake_full"] += 1
 
         client.on_connect = on_connect
@@ -307,3 +321,280 @@ class MqttSource:
         if client is not None:
             client.disconnect()
             client.loop_stop()
+
+
+# --- nodes publishing their own frames ---------------------------------------------------
+
+UP_TOPIC = "citynode/up/"  # + node id: the node's frames
+DOWN_TOPIC = "citynode/down/"  # + node id: the host's acks to it
+DEFAULT_GROUP = "citynode"
+UP_URL_FORM = "mqtt://HOST[:PORT][/GROUP]"
+
+
+def up_node_id(topic):
+    """The node id of an uplink topic citynode/up/<id>, else None. The id must be a u32 written
+    as a node writes it (decimal, no sign, no leading zero): the ack goes to
+    citynode/down/<the same text>, so "007" is refused rather than answered where no node
+    listens."""
+    if not topic.startswith(UP_TOPIC):
+        return None
+    text = topic[len(UP_TOPIC) :]
+    if not (0 < len(text) <= 10 and text.isascii() and text.isdigit()):
+        return None
+    if len(text) > 1 and text[0] == "0":
+        return None
+    node_id = int(text)
+    return node_id if node_id <= MAX_U32 else None
+
+
+def _os_error_text(error):
+    if error is None:
+        return "no reason given"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+class MqttUplinkSource:
+    """Frames that nodes publish themselves (one frame a message, QoS 1) on
+    citynode/up/<node_id>, read through the MQTT v5 shared subscription
+    $share/<group>/citynode/up/+ : every receiver started on the same broker with the same
+    group is one member, the broker hands each message to one member, and a member that goes
+    away gets no more. The ack for a frame is published (QoS 1, not retained) on
+    citynode/down/<node_id>, <node_id> taken from the message's topic.
+
+    Dropped and counted: a payload longer than MAX_DATAGRAM (`oversize`: no frame is), a topic
+    whose last level is not a node id (`mqtt_up_bad_topic`), and a frame whose header names
+    another node than its topic (`mqtt_up_id_mismatch`). A node publishes only its own frames:
+    the broker's ACL can tie a topic to a login (mosquitto: `pattern write citynode/up/%u`), and
+    the ack goes to the topic's node, so answering node B's frame sent on A's topic would send
+    B's ack where B does not listen. A payload that is no frame at all is passed on, for the
+    verifier to reject and count with its reason.
+
+    Sessions: every connection starts clean, with no session expiry, so a receiver's session
+    ends with its connection (a crash, SIGKILL, a cut network after 1.5 keep-alives) and the
+    broker hands the group's next messages to the members still there. A session that outlived
+    the connection would lose more with a shared subscription, not less: mosquitto 2.0 keeps
+    giving a disconnected session its turn of the group's messages, queued for a receiver that
+    may never come back (a restarted one has a new client id) and dropped when the session
+    expires; EMQX's documentation likewise asks for clean sessions with shared subscriptions.
+
+    Acknowledgements: paho sends the PUBACK when on_message returns, that is once the frame is
+    in the intake, before it is stored. A receiver killed in between loses that frame, from the
+    broker and from its memory, and that is safe: the guarantee is end to end. The host's ack
+    on citynode/down/<id> goes out only after the readings are durably stored, and a node keeps
+    its readings and sends them again (re-encoded with their new ages) until such an ack covers
+    them; the copy goes to a live member. Holding the PUBACK back until the write would not
+    help: a broker redelivers an unacknowledged message only on a new connection of the same
+    session, which a dead receiver does not make, and mosquitto gives the messages in flight to
+    a member that disconnects to no other member. A message delivered twice (a node's own QoS 1
+    re-send) is harmless: its readings are stored once under their identity (SPEC.md
+    "Identity") and it is acked again.
+
+    Connection: paho's network thread, reconnecting after a pause that doubles from backoff[0]
+    to backoff[1] seconds, each drawn between half and all of it (receivers of a restarted
+    broker do not come back in step), back to backoff[0] once connected. Logged once per change
+    of state (connected, cannot connect or lost, refused), not per attempt; attempts and
+    messages are counted. The subscription is made on every connection."""
+
+    KEEPALIVE_S = 15
+    ACK_QUEUE = 10000  # acks waiting for the broker; past this, sending one fails (counted)
+
+    def __init__(self, url, group=DEFAULT_GROUP, client_id=None, log=None, backoff=(0.5, 30.0)):
+        self.url = MqttUrl(url, "--mqtt-up", UP_URL_FORM)
+        if self.url.topic:
+            group = self.url.topic
+        if not group or any(c in group for c in "/+#"):
+            raise SinkError(
+                "--mqtt-up: group %r in %r: a share name is one or more characters without "
+                "'/', '+' or '#' (%s)" % (group, url, UP_URL_FORM)
+            )
+        if not 0 < backoff[0] <= backoff[1]:
+            raise ValueError("backoff must be (min, max) with 0 < min <= max, got %r" % (backoff,))
+        self.group = group
+        self.topic_filter = "$share/%s/%s+" % (group, UP_TOPIC)
+        self.name = "mqtt-up %s %s" % (self.url.address, self.topic_filter)
+        self.client_id = client_id or "citynode-up-%s-%d-%s" % (
+            socket.gethostname()[:32],
+            os.getpid(),
+            secrets.token_hex(3),  # client ids must be unique: the broker drops an older twin
+        )
+        self.log = log if log is not None else logging.getLogger("citynode.receiver")
+        self.folded = FoldingLog(self.log)  # drops are counted; their lines folded
+        self.counters = collections.Counter()
+        self.connected = threading.Event()  # set while connected and subscribed
+        self.backoff = backoff
+        self._pause = None  # the back-off's current pause; None after a connection
+        self._state = None
+        self._down_since = None
+        self._was_up = False
+        self._refused = False
+        self._stopping = False
+        self._client = None
+
+    def _enter(self, state, level, msg, *args):
+        """Log msg if the connection changes state: a broker down for an hour is one line."""
+        if state == self._state:
+            return
+        self._state = state
+        self.log.log(level, "%s: " + msg, self.name, *args)
+
+    def _back_off(self, client):
+        low, high = self.backoff
+        self._pause = low if self._pause is None else min(self._pause * 2, high)
+        pause = random.uniform(self._pause / 2, self._pause)
+        client.reconnect_delay_set(pause, pause)  # paho's next wait, its own doubling reset
+
+    def _went_down(self):
+        self.connected.clear()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+
+    def start(self, intake):
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5
+        )
+        self.url.configure(client)
+        client.max_inflight_messages_set(1000)  # acks in flight to the broker
+        client.max_queued_messages_set(self.ACK_QUEUE)
+        client.reconnect_delay_set(self.backoff[0], self.backoff[0])
+        counters = self.counters
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            if reason_code.is_failure:
+                counters["mqtt_up_refused"] += 1
+                self._refused = True
+                self._went_down()
+                self._enter(
+                    ("refused", str(reason_code)),
+                    logging.WARNING,
+                    "broker refused the connection: %s; retrying with back-off",
+                    _reason_text(reason_code),
+                )
+                return
+            client.subscribe(self.topic_filter, qos=1)
+
+        def on_subscribe(client, userdata, mid, reason_codes, properties):
+            reason_code = reason_codes[0]
+            if reason_code.is_failure:
+                counters["mqtt_up_subscribe_refused"] += 1
+                self._enter(
+                    ("not subscribed", str(reason_code)),
+                    logging.ERROR,
+                    "broker refused the subscription: %s; no frames arrive until it allows it "
+                    "(an MQTT v5 broker with shared subscriptions, and an ACL letting this "
+                    "login read citynode/up/+)",
+                    _reason_text(reason_code),
+                )
+                return
+            self._pause = None
+            self.connected.set()
+            if self._down_since is None:
+                self._enter("up", logging.INFO, "connected, subscribed")
+            else:
+                self._enter(
+                    "up",
+                    logging.INFO,
+                    "connected %safter %.1f s, subscribed",
+                    "again " if self._was_up else "",
+                    time.monotonic() - self._down_since,
+                )
+                self._down_since = None
+            self._was_up = True
+
+        def on_connect_fail(client, userdata):
+            # paho calls this inside its `except OSError`: the exception is still at hand
+            counters["mqtt_up_connect_failed"] += 1
+            self._went_down()
+            self._enter(
+                "down",
+                logging.WARNING,
+                "cannot connect to the broker: %s; retrying with back-off (at most %g s apart)",
+                _os_error_text(sys.exc_info()[1]),
+                self.backoff[1],
+            )
+            self._back_off(client)
+
+        def on_disconnect(client, userdata, flags, reason_code, properties):
+            self._went_down()
+            if self._stopping:
+                return
+            if self._refused:  # the broker closing a refused connection: counted, logged
+                self._refused = False
+            else:
+                counters["mqtt_up_disconnected"] += 1
+                self._enter(
+                    "down",
+                    logging.WARNING,
+                    "connection lost (%s); reconnecting with back-off (at most %g s apart)",
+                    _reason_text(reason_code),
+                    self.backoff[1],
+                )
+            self._back_off(client)
+
+        def on_message(client, userdata, message):
+            rx_time = time.time()  # SPEC.md "Timing": when the frame was read, not handled
+            counters["mqtt_up_messages"] += 1
+            payload = message.payload
+            if len(payload) > MAX_DATAGRAM:
+                counters["oversize"] += 1
+                return
+            topic = message.topic
+            node_id = up_node_id(topic)
+            if node_id is None:
+                counters["mqtt_up_bad_topic"] += 1
+                self.folded.warning(
+                    ("bad topic",),
+                    "%s: message on %r dropped: not %s<node id> (a u32 in decimal)",
+                    self.name,
+                    topic[:80],
+                    UP_TOPIC,
+                )
+                return
+            try:
+                header_id = uplink.peek(payload)[2]
+            except FrameError:
+                header_id = node_id  # no frame: the verifier rejects it with its reason
+            if header_id != node_id:
+                counters["mqtt_up_id_mismatch"] += 1
+                self.folded.warning(
+                    ("id mismatch", node_id),
+                    "%s: frame of node %d on %s dropped: a node publishes only its own frames",
+                    self.name,
+                    header_id,
+                    topic,
+                )
+                return
+            ack_topic = DOWN_TOPIC + topic[len(UP_TOPIC) :]
+            if not intake.put(bytes(payload), lambda ack: self._send_ack(ack_topic, ack), rx_time):
+                counters["intake_full"] += 1
+
+        client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
+        client.on_connect_fail = on_connect_fail
+        client.on_disconnect = on_disconnect
+        client.on_message = on_message
+        client.connect_async(
+            self.url.host, self.url.port, keepalive=self.KEEPALIVE_S, clean_start=True
+        )
+        self._client = client
+        client.loop_start()
+
+    def _send_ack(self, topic, ack):
+        """reply() of every frame read: publish its ack, or raise OSError."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise OSError("%s: not connected, ack to %s not sent" % (self.name, topic))
+        info = client.publish(topic, ack, qos=1)
+        if info.rc == paho.MQTT_ERR_NO_CONN:  # lost just now: paho sends it on reconnecting
+            return
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise OSError("%s: ack to %s: %s" % (self.name, topic, paho.error_string(info.rc)))
+
+    def stop(self):
+        client, self._client = self._client, None
+        if client is None:
+            return
+        self._stopping = True
+        self.connected.clear()
+        client.disconnect()
+        client.loop_stop()
+        self.folded.flush(final=True)

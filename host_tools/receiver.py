@@ -17,15 +17,18 @@
 import collections
 import hashlib
 import logging
-import queue
 import socket
 import sqlite3
 import threading
 import time
 
+from host_tools.logfold import FoldingLog
 from protocols import frame, uplink
 
-_MAX_DATAGRAM = 65535  # read whole oversized datagrams so the codec can say "too_long"
+# A frame is at most 255 bytes (SPEC.md). Sources read at most MAX_DATAGRAM bytes of a datagram
+# (one more, to see that it was longer): a bigger one is counted ("oversize") and dropped,
+# so a flood of 64 KB datagrams costs no more memory than one of frames.
+MAX_DATAGRAM = 256
 
 
 class Rejected(Exception):
@@ -85,28 +88,57 @@ def key_id(key):
     return hashlib.sha256(key).hexdigest()[:16]
 
 
+class StateError(Exception):
+    """A replay-state file that cannot be used as it is (another program's table, say)."""
+
+
+_WINDOW_COLUMNS = ["node_id", "key_id", "highest", "bitmap"]
+
+
 class ReplayStore:
-    """The replay windows in a SQLite file, so that a restarted receiver still refuses the frames
-    it has seen (a replay after a restart would otherwise be stored again, at the wrong time).
+    """The replay windows in a SQLite file, so that a restarted receiver still refuses the v1
+    frames and STATUS frames it has seen. Since format v2 this is a fast path, not the safety:
+    a v2 reading is stored under its identity (node id, reading index) by every sink, so a copy
+    is harmless whatever this file says, or if it is lost.
     One row per node: its key's fingerprint (a node given a new key starts from seq 0 again, so
     its old window no longer applies), the highest seq, the window's bitmap (hex: 64 bits do not
     fit SQLite's signed integers). WAL with synchronous=NORMAL: a power cut can lose the last
-    batches' rows, not corrupt the file."""
+    batches' rows, not corrupt the file. A row that cannot be read is skipped (counted in
+    `bad_rows`); a file whose table has other columns raises StateError."""
 
     def __init__(self, path):
         self.path = str(path)
+        self.bad_rows = 0
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS windows (node_id INTEGER PRIMARY KEY,"
-            " key_id TEXT NOT NULL, highest INTEGER NOT NULL, bitmap TEXT NOT NULL)"
-        )
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS windows (node_id INTEGER PRIMARY KEY,"
+                " key_id TEXT NOT NULL, highest INTEGER NOT NULL, bitmap TEXT NOT NULL)"
+            )
+            columns = [row[1] for row in self._db.execute("PRAGMA table_info(windows)")]
+        except sqlite3.Error:
+            self._db.close()
+            raise
+        if columns != _WINDOW_COLUMNS:
+            self._db.close()
+            raise StateError(
+                "%s: table windows has columns %s, expected %s (not a citynode replay state: "
+                "pass another --replay-state)" % (self.path, columns, _WINDOW_COLUMNS)
+            )
 
     def load(self):
-        """{node_id: (key_id, highest, bitmap)}"""
-        rows = self._db.execute("SELECT node_id, key_id, highest, bitmap FROM windows")
-        return {n: (k, h, int(b, 16)) for n, k, h, b in rows}
+        """{node_id: (key_id, highest, bitmap)}; rows that do not parse are skipped."""
+        windows = {}
+        for n, k, h, b in self._db.execute("SELECT node_id, key_id, highest, bitmap FROM windows"):
+            try:
+                if not isinstance(n, int) or not isinstance(h, int) or not 0 <= h <= frame.MAX_U32:
+                    raise ValueError("node id or highest seq is not a u32")
+                windows[n] = (str(k), h, int(b, 16))
+            except (TypeError, ValueError):
+                self.bad_rows += 1
+        return windows
 
     def save(self, rows):
         """rows: [(node_id, key_id, highest, bitmap)], written in one transaction."""
@@ -121,16 +153,22 @@ class ReplayStore:
 
 
 class Verifier:
-    """Checks datagrams against the node keys and each node's replay window. check() does not
-    change state: call accept() once the frame's readings are durable, then save() to keep the
-    windows in `store` (a ReplayStore; None: in memory only).
+    """Checks datagrams against the node keys and, for v1 frames and STATUS frames, each node's
+    replay window of seqs. check() does not change state: call accept() once the frame's
+    readings are durable, then save() to keep the windows in `store` (a ReplayStore; None: in
+    memory only). A v2 DATA frame has no seq: it is never refused as a replay here, because
+    its readings carry their identity and every sink drops a copy (SPEC.md "Identity").
 
-    Memory per known node is its key and, once it has sent, its window. Signers are built on use
-    and kept in a bounded LRU cache (`signer_cache` nodes): a Signer costs a few hundred bytes
-    (on MicroPython-style builds two 64-byte pads too), and building one is a microsecond."""
+    keys: {node_id: key} or {node_id: (key, ...)}: every key a frame may be signed with, the
+    current one first (during a rotation's grace period, the previous one too). A frame is
+    acked under the key that verified it.
+
+    Memory per known node is its keys and, once it has sent, its window. Signers are built on
+    use and kept in a bounded LRU cache (`signer_cache` keys): a Signer costs a few hundred
+    bytes, and building one is a microsecond."""
 
     def __init__(self, keys, window=64, signer_cache=4096, store=None):
-        self.keys = dict(keys)
+        self.set_keys(keys)
         self.window = window
         self.signer_cache = max(1, signer_cache)
         self._signers = collections.OrderedDict()
@@ -140,31 +178,46 @@ class Verifier:
         if store is not None:
             mask = (1 << window) - 1
             for node_id, (kid, highest, bitmap) in store.load().items():
-                key = self.keys.get(node_id)
-                if key is not None and kid == key_id(key):
+                keys = self.keys.get(node_id)
+                if keys is not None and kid == key_id(keys[0]):
                     w = self._windows[node_id] = ReplayWindow(window)
                     w.highest, w.bitmap = highest, bitmap & mask
 
-    def signer(self, node_id):
-        """The node's Signer (cached); KeyError for an unknown node."""
+    def set_keys(self, keys):
+        """Replace the keys (a reloaded key file). Windows stay: a node's window is dropped only
+        when the store's key fingerprint no longer matches, at the next start."""
+        self.keys = {
+            n: (k,) if isinstance(k, (bytes, bytearray)) else tuple(k) for n, k in keys.items()
+        }
+
+    def _signer_for(self, key):
         signers = self._signers
-        signer = signers.get(node_id)
+        signer = signers.get(key)
         if signer is None:
-            signer = signers[node_id] = frame.Signer(self.keys[node_id])
+            signer = signers[key] = frame.Signer(key)
             if len(signers) > self.signer_cache:
                 signers.popitem(last=False)
         else:
-            signers.move_to_end(node_id)
+            signers.move_to_end(key)
         return signer
 
+    def signer(self, node_id):
+        """The Signer of the node's current key (cached); KeyError for an unknown node."""
+        return self._signer_for(bytes(self.keys[node_id][0]))
+
     def check(self, datagram):
-        """The verified DataFrame (or Status: health frames share the DATA seq space, SPEC.md),
-        or raise Rejected."""
+        """The verified DataFrame or Status, or raise Rejected."""
+        return self.verify(datagram)[0]
+
+    def verify(self, datagram):
+        """(the verified DataFrame or Status, the Signer that verified it), or raise
+        Rejected."""
         try:
             _, ftype, node_id = uplink.peek(datagram)
         except frame.FrameError as e:
             raise Rejected(e.reason, str(e)) from None
-        if node_id not in self.keys:
+        keys = self.keys.get(node_id)
+        if keys is None:
             raise Rejected("unknown_node", "no key for node %d" % node_id, node_id)
         if ftype == frame.TYPE_DATA:
             decode = uplink.decode_data
@@ -174,14 +227,22 @@ class Verifier:
             raise Rejected(
                 "unsupported_type", "frame type %d is not an uplink frame" % ftype, node_id
             )
-        try:
-            data = decode(datagram, self.signer(node_id))
-        except frame.FrameError as e:
-            if e.reason == "tag":
-                message = "bad tag for node %d (wrong key or corrupted frame)" % node_id
-            else:
-                message = "node %d: %s" % (node_id, e)
-            raise Rejected(e.reason, message, node_id) from None
+        data = signer = None
+        for key in keys:
+            signer = self._signer_for(bytes(key))
+            try:
+                data = decode(datagram, signer)
+                break
+            except frame.FrameError as e:
+                if e.reason == "tag":
+                    continue
+                raise Rejected(e.reason, "node %d: %s" % (node_id, e), node_id) from None
+        if data is None:
+            raise Rejected(
+                "tag", "bad tag for node %d (wrong key or corrupted frame)" % node_id, node_id
+            )
+        if data.seq is None:  # v2 DATA: identity, not a window, keeps copies out
+            return data, signer
         window = self._windows.get(node_id)
         seen = window.check(data.seq) if window is not None else None
         if seen == "duplicate":
@@ -195,10 +256,12 @@ class Verifier:
                 % (node_id, data.seq, window.highest, window.size),
                 node_id,
             )
-        return data
+        return data, signer
 
     def accept(self, data):
-        """Mark the frame's seq as seen: later copies are duplicates."""
+        """Mark the frame's seq as seen: later copies are duplicates. (v2 DATA: nothing.)"""
+        if data.seq is None:
+            return
         window = self._windows.get(data.node_id)
         if window is None:
             window = self._windows[data.node_id] = ReplayWindow(self.window)
@@ -214,7 +277,9 @@ class Verifier:
         rows = []
         for node_id in self._dirty:
             w = self._windows[node_id]
-            rows.append((node_id, key_id(self.keys[node_id]), w.highest, w.bitmap))
+            keys = self.keys.get(node_id)
+            if keys is not None:
+                rows.append((node_id, key_id(keys[0]), w.highest, w.bitmap))
         self.store.save(rows)
         self._dirty.clear()
 
@@ -230,8 +295,26 @@ def iter_readings(data, rx_time):
 
 
 def frame_rows(data, rx_time):
-    """Sink rows (node_id, ts, quantity, value) of a DataFrame received at rx_time."""
-    return [(data.node_id, ts, name, value) for _, ts, name, value in iter_readings(data, rx_time)]
+    """Sink rows (node_id, reading_index, ts, quantity, value) of a DataFrame received at
+    rx_time; reading_index None for a v1 frame (it has no identity on the wire)."""
+    quantities = [uplink.quantity(ch) for ch in data.channels]
+    node_id = data.node_id
+    index = data.index
+    rows = []
+    for i, (raw_values, age) in enumerate(zip(data.readings, data.ages, strict=True)):
+        ts = round(rx_time - age, 3)
+        ri = None if index is None else index + i
+        for (name, scale), raw in zip(quantities, raw_values, strict=True):
+            rows.append((node_id, ri, ts, name, raw / scale))
+    return rows
+
+
+def _frame_key(received):
+    """What identifies a frame's content: (node, "i", first, last) for v2 readings, else
+    (node, "s", seq)."""
+    if received.seq is None:
+        return (received.node_id, "i", received.index, received.index + len(received.readings) - 1)
+    return (received.node_id, "s", received.seq)
 
 
 class Receiver:
@@ -241,11 +324,21 @@ class Receiver:
     handle() takes a batch and writes the readings of all its accepted frames in one sink write
     (group commit: one fsync for many frames); datagram() is a batch of one.
 
-    A frame the sink failed to store keeps its receive time: when the node sends the same frame
-    again its readings get the same timestamps (its ages count from the first sending), so a
-    sink that did store part of it (SQLite's primary key) does not store them twice."""
+    Identity (format v2): a reading is (node id, reading index); the sinks store each once, so a
+    copy (a frame re-sent after a lost ack, heard by two gateways, replayed, released late) is
+    dropped by them and acked again: its first accepted timestamp stands. `_stored` remembers
+    the frames of the last STORED_MEMORY accepted so that a copy of a recent one is acked without
+    a sink write (a fast path; the sinks are the safety). A copy with the very bytes (the tag) of
+    a frame accepted less than HEARD_AGAIN_S ago is not acked again: it was heard by a second
+    gateway, whose ack would collide with the first one's on the air; a node re-sends its
+    readings re-encoded, with new ages.
 
-    RETRY_MEMORY = 4096  # frames whose receive time is kept after a failed sink write
+    v1 frames have no identity: a frame the sink failed to store keeps its receive time, so
+    that when the node sends the same frame again its readings get the same timestamps."""
+
+    RETRY_MEMORY = 4096  # v1 frames whose receive time is kept after a failed sink write
+    STORED_MEMORY = 65536  # v2 frames known stored (about 150 bytes each)
+    HEARD_AGAIN_S = 10.0  # the same bytes within this: another gateway's copy, not acked
 
     def __init__(self, verifier, sink, clock=time.time, log=None):
         self.verifier = verifier
@@ -253,86 +346,137 @@ class Receiver:
         self.clock = clock
         self.log = log if log is not None else logging.getLogger("citynode.receiver")
         self.counters = collections.Counter()
-        self._failed_rx = collections.OrderedDict()  # (node_id, seq) -> rx_time
+        # Rejections are all counted; their log lines are folded (a flood of bad datagrams
+        # writes a few lines with counts, not a line each). serve() flushes it.
+        self.folded = FoldingLog(self.log)
+        self._failed_rx = collections.OrderedDict()  # (node_id, "s", seq) -> rx_time
+        # (node_id, "i", first, last) -> (its tag, time.monotonic() when stored)
+        self._stored = collections.OrderedDict()
 
     def datagram(self, data, rx_time=None):
         """Handle one datagram; return the ack to send back, or None."""
         return self.handle([(data, rx_time)])[0]
 
+    def _reject(self, e, data):
+        self.counters["rejected_" + e.reason] += 1
+        node = "-" if e.node_id is None else e.node_id
+        # folded by reason alone: the node id of a frame that failed is not to be trusted
+        self.folded.warning(
+            ("frame rejected", e.reason),
+            "frame rejected reason=%s node=%s len=%d: %s",
+            e.reason,
+            node,
+            len(data),
+            e.message,
+        )
+
     def handle(self, batch):
         """Handle a batch of (datagram, rx_time or None); return the acks (bytes or None), in
-        the batch's order. A copy of a frame already in the batch (two gateways) is a
-        duplicate; if the sink write fails no frame of the batch is acked or marked seen."""
+        the batch's order. rx_time is when the source read the datagram (None: now). A copy of
+        a frame already in the batch (two gateways) gets the same ack as the first, and is
+        counted as a copy; if the sink write fails no frame of the batch is acked."""
         acks = [None] * len(batch)
-        accepted = []  # (index, frame, rx_time)
+        accepted = []  # (index, frame, rx_time, signer, tag)
+        copies = []  # (index, frame, signer, tag): already stored
         rows = []
-        in_batch = set()
+        in_batch = {}
         counters = self.counters
         for i, (data, rx_time) in enumerate(batch):
             try:
-                received = self.verifier.check(data)
-                key = (received.node_id, received.seq)
-                if key in in_batch:
-                    raise Rejected(
-                        "duplicate",
-                        "node %d seq %d already received" % key,
-                        received.node_id,
-                    )
+                received, signer = self.verifier.verify(data)
             except Rejected as e:
-                counters["rejected_" + e.reason] += 1
-                node = "-" if e.node_id is None else e.node_id
-                self.log.warning(
-                    "frame rejected reason=%s node=%s len=%d: %s",
-                    e.reason,
-                    node,
-                    len(data),
-                    e.message,
-                )
+                self._reject(e, data)
                 continue
-            in_batch.add(key)
+            key = _frame_key(received)
+            tag = bytes(data[-frame.TAG_LEN :])
+            seen_tag = in_batch.get(key)
+            if seen_tag is None:
+                seen = self._stored.get(key)
+                if seen is not None:
+                    # the same bytes much later are acked again (a copy, not a second gateway)
+                    seen_tag = seen[0] if time.monotonic() - seen[1] < self.HEARD_AGAIN_S else b""
+            if seen_tag is not None:
+                if received.seq is not None:  # v1 / STATUS: a seq seen is a duplicate
+                    self._reject(
+                        Rejected(
+                            "duplicate",
+                            "node %d seq %d already received" % (received.node_id, received.seq),
+                            received.node_id,
+                        ),
+                        data,
+                    )
+                    continue
+                if tag == seen_tag:
+                    # The very frame accepted already: heard by a second gateway, or replayed.
+                    # Its ack is on its way (two would collide on the air): counted, quiet.
+                    counters["frames_heard_again"] += 1
+                    continue
+                copies.append((i, received, signer, tag))  # re-sent: acked again
+                continue
+            in_batch[key] = tag
             if self._failed_rx:
                 rx_time = self._failed_rx.pop(key, rx_time)
             if rx_time is None:
                 rx_time = self.clock()
-            if not isinstance(received, uplink.Status):
+            if _is_data(received):
                 rows.extend(frame_rows(received, rx_time))
-            accepted.append((i, received, rx_time))
+            accepted.append((i, received, rx_time, signer, tag))
+        new = None
         if rows:
             try:
-                self.sink.write(rows)
+                new = self.sink.write(rows)
             except Exception as e:  # any sink failure: not durable, so no ack; the node retries
                 failed = [a for a in accepted if _is_data(a[1])]
-                self._sink_failed([f for _, f, _ in failed], e)
-                for _, f, rx_time in failed:
-                    self._failed_rx[(f.node_id, f.seq)] = rx_time
+                self._sink_failed([f for _, f, _, _, _ in failed], e)
+                for _, f, rx_time, _, _ in failed:
+                    if f.seq is not None:
+                        self._failed_rx[_frame_key(f)] = rx_time
                 while len(self._failed_rx) > self.RETRY_MEMORY:
                     self._failed_rx.popitem(last=False)
                 accepted = [a for a in accepted if not _is_data(a[1])]
-        for i, received, rx_time in accepted:
+                copies = [c for c in copies if c[1].seq is not None]
+        now = None
+        for i, received, rx_time, signer, tag in accepted:
             if _is_data(received):
                 counters["frames_accepted"] += 1
                 counters["readings_accepted"] += len(received.readings)
+                if received.seq is None:
+                    self._remember(received, tag)
             else:
                 self._status(received)
-            acks[i] = self._accept(received, rx_time)
+            acks[i] = self._ack(received, int(rx_time), signer, tag)
+        if isinstance(new, int) and 0 <= new < len(rows):
+            counters["values_already_stored"] += len(rows) - new
+        for i, received, signer, tag in copies:
+            counters["frames_copies"] += 1
+            if now is None:
+                now = int(self.clock())
+            acks[i] = self._ack(received, now, signer, tag)
         if accepted:
             try:
                 self.verifier.save()
             except (sqlite3.Error, OSError) as e:
                 # The readings are durable, so the acks go out; after a restart this batch's
-                # seqs would not be known as seen (SQLite's primary key still dedupes).
+                # seqs would not be known as seen (v2 readings are deduped by identity).
                 counters["replay_state_error"] += 1
                 self.log.error("replay state %s not saved: %s", self.verifier.store.path, e)
         return acks
+
+    def _remember(self, received, tag):
+        stored = self._stored
+        stored[_frame_key(received)] = (tag, time.monotonic())
+        if len(stored) > self.STORED_MEMORY:
+            stored.popitem(last=False)
 
     def _sink_failed(self, frames, e):
         self.counters["sink_error"] += len(frames)
         first = frames[0]
         more = " and %d more frames" % (len(frames) - 1) if len(frames) > 1 else ""
+        what = "seq=%d" % first.seq if first.seq is not None else "index=%d" % first.index
         self.log.error(
-            "sink failed node=%d seq=%d%s: %s: %s; not acked",
+            "sink failed node=%d %s%s: %s: %s; not acked",
             first.node_id,
-            first.seq,
+            what,
             more,
             type(e).__name__,
             e,
@@ -348,12 +492,18 @@ class Receiver:
         self.log.info("status node=%d seq=%d %s", status.node_id, status.seq, fields)
         self.counters["status_accepted"] += 1
 
-    def _accept(self, received, rx_time):
+    def _ack(self, received, host_time, signer, tag):
         self.verifier.accept(received)
-        signer = self.verifier.signer(received.node_id)
-        return uplink.encode_ack(
-            signer, received.node_id, int(rx_time), [(received.seq, received.seq)]
-        )
+        if received.version == 1:
+            return uplink.encode_ack(
+                signer, received.node_id, host_time, [(received.seq, received.seq)]
+            )
+        if _is_data(received):
+            last = received.index + len(received.readings) - 1
+            ranges = [(received.index, last)]
+        else:
+            ranges = []
+        return uplink.encode_ack(signer, received.node_id, host_time, ranges, echo=tag)
 
     def counters_line(self):
         """The counters as one log-friendly line: "frames_accepted=3 rejected_tag=1"."""
@@ -379,14 +529,21 @@ def serve_udp(sock, receiver, stop_event=None, poll_s=0.5, on_poll=None):
     while stop_event is None or not stop_event.is_set():
         if on_poll is not None:
             on_poll()
+        folded = getattr(receiver, "folded", None)
+        if folded is not None:
+            folded.flush()
         try:
-            data, addr = sock.recvfrom(_MAX_DATAGRAM)
+            data, addr = sock.recvfrom(MAX_DATAGRAM + 1)
         except TimeoutError:
             continue
         except ConnectionResetError:  # ICMP port unreachable from an earlier ack (Windows)
             continue
+        rx_time = time.time()
+        if len(data) > MAX_DATAGRAM:
+            receiver.counters["oversize"] += 1
+            continue
         try:
-            ack = receiver.datagram(data)
+            ack = receiver.datagram(data, rx_time)
         except Exception:  # a bug, not bad input: keep serving the other nodes
             receiver.counters["internal_error"] += 1
             log.exception("internal error on a datagram from %s len=%d", addr, len(data))
@@ -407,38 +564,46 @@ def serve_udp(sock, receiver, stop_event=None, poll_s=0.5, on_poll=None):
 
 
 class Intake:
-    """Where every source puts its datagrams: a bounded queue that the receive loop drains.
-    Full means the receiver is behind (a slow disk): the datagram is dropped and counted by its
-    source, and the node, having no ack, sends it again."""
+    """Where every source puts its datagrams: a queue that the receive loop drains, bounded in
+    datagrams and in bytes. Full means the receiver is behind (a slow disk, a flood): the
+    datagram is dropped and counted by its source, and the node, having no ack, sends it
+    again."""
 
-    def __init__(self, maxsize=20000):
-        self._queue = queue.Queue(maxsize)
+    def __init__(self, maxsize=20000, max_bytes=4 << 20):
+        self._queue = collections.deque()
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self.maxsize = maxsize
+        self.max_bytes = max_bytes
+        self.bytes = 0
 
     def put(self, datagram, reply, rx_time=None):
-        """Queue one datagram; False if the queue is full (the caller counts the drop)."""
-        try:
-            self._queue.put_nowait((datagram, reply, rx_time))
-        except queue.Full:
-            return False
+        """Queue one datagram, read at rx_time (unix seconds; None: when it is handled);
+        False if the intake is full (the caller counts the drop)."""
+        size = len(datagram)
+        with self._lock:
+            if len(self._queue) >= self.maxsize or self.bytes + size > self.max_bytes:
+                return False
+            self._queue.append((datagram, reply, rx_time))
+            self.bytes += size
+            self._ready.notify()
         return True
 
     def get_batch(self, timeout, max_batch):
         """Up to max_batch queued items, waiting up to timeout for the first; [] if none."""
-        try:
-            first = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return []
-        batch = [first]
-        get = self._queue.get_nowait
-        try:
-            while len(batch) < max_batch:
-                batch.append(get())
-        except queue.Empty:
-            pass
+        with self._lock:
+            if not self._queue:
+                self._ready.wait(timeout)
+            batch = []
+            queue_ = self._queue
+            while queue_ and len(batch) < max_batch:
+                item = queue_.popleft()
+                self.bytes -= len(item[0])
+                batch.append(item)
         return batch
 
     def qsize(self):
-        return self._queue.qsize()
+        return len(self._queue)
 
 
 def serve(intake, receiver, stop_event, poll_s=0.5, on_poll=None, max_batch=256):
@@ -451,6 +616,7 @@ def serve(intake, receiver, stop_event, poll_s=0.5, on_poll=None, max_batch=256)
     while not stop_event.is_set():
         if on_poll is not None:
             on_poll()
+        receiver.folded.flush()
         batch = intake.get_batch(poll_s, max_batch)
         if not batch:
             continue
@@ -504,7 +670,7 @@ class UdpSource:
         sendto = sock.sendto
         while not self._stop.is_set():
             try:
-                data, addr = sock.recvfrom(_MAX_DATAGRAM)
+                data, addr = sock.recvfrom(MAX_DATAGRAM + 1)
             except TimeoutError:
                 continue
             except ConnectionResetError:  # ICMP port unreachable from an earlier ack (Windows)
@@ -516,8 +682,12 @@ class UdpSource:
                 self.log.warning("%s: receive failed: %s", self.name, e)
                 time.sleep(self.poll_s)
                 continue
+            rx_time = time.time()  # SPEC.md "Timing": when the frame arrived, not when handled
             self.counters["udp_datagrams"] += 1
-            if not intake.put(data, lambda ack, addr=addr: sendto(ack, addr)):
+            if len(data) > MAX_DATAGRAM:
+                self.counters["oversize"] += 1
+                continue
+            if not intake.put(data, lambda ack, addr=addr: sendto(ack, addr), rx_time):
                 self.counters["intake_full"] += 1
 
     def stop(self):

@@ -7,19 +7,42 @@
 # ids (never reused after a delete, so a progress mark stays meaningful). A full disk, or the
 # optional size limit, makes write() raise SpoolFull: the frame is not acked and its node sends
 # it again; what was spooled before stays.
+#
+# Dead letters: rows a remote end refused for good (an HTTP 4xx but 408 and 429: a bad token, a
+# wrong URL, a payload it will never take) are not retried forever: the forwarder moves the
+# batch to the table `dead` (per sink, with the error and the server's answer), counts and logs
+# it, and carries on with the next batch. Nothing is lost: once the cause is fixed, an operator
+# puts them back in the queue of that sink alone (the other sinks have them) with the receiver
+# running or not, the sink named as in the log and the status file:
+#   python -c "from host_tools.spool import Spool
+#   print(Spool('citynode-spool.db').requeue('webhook https://example.org/readings'))"
+# Spool.dead_letters() lists them. They count towards the size limit until queued again.
 
 import collections
 import logging
 import sqlite3
 import threading
+import time
 
+from host_tools.ledger import SqlRanges
 from host_tools.sinks import SinkError, is_disk_full
 
 _SCHEMA = (
+    # sink: NULL for a row every consumer delivers; a consumer's name for a dead letter put back
+    # in that consumer's queue alone (requeue)
     "CREATE TABLE IF NOT EXISTS spool(id INTEGER PRIMARY KEY AUTOINCREMENT, node_id INTEGER, "
-    "ts REAL /* unix seconds, UTC */, quantity TEXT, value REAL)",
+    "reading_index INTEGER, ts REAL /* unix seconds, UTC */, quantity TEXT, value REAL, "
+    "sink TEXT)",
     "CREATE TABLE IF NOT EXISTS progress(sink TEXT PRIMARY KEY, last_id INTEGER NOT NULL)",
+    # rows a sink refused for good; id is the row's id in the spool, error what the sink said
+    "CREATE TABLE IF NOT EXISTS dead(sink TEXT NOT NULL, id INTEGER NOT NULL, "
+    "node_id INTEGER, reading_index INTEGER, ts REAL, quantity TEXT, value REAL, "
+    "reason TEXT NOT NULL, error TEXT NOT NULL, time REAL NOT NULL /* unix seconds, UTC */, "
+    "PRIMARY KEY(sink, id))",
 )
+_COLUMNS = ["id", "node_id", "reading_index", "ts", "quantity", "value", "sink"]
+# the rows past a consumer's mark that are its to deliver
+_MINE = "id > (SELECT last_id FROM progress WHERE sink = ?1) AND (sink IS NULL OR sink = ?1)"
 _BUSY_TIMEOUT_S = 30.0  # other threads hold the write lock for milliseconds at a time
 _WAL_LIMIT = 64 << 20  # truncate the WAL back to this after a checkpoint
 
@@ -51,9 +74,20 @@ class Spool:
         except sqlite3.Error as e:
             self.close()
             raise SinkError("spool %s: cannot open: %s" % (self.path, e)) from None
-        if columns != ["id", "node_id", "ts", "quantity", "value"]:
+        if columns == ["id", "node_id", "ts", "quantity", "value"]:
+            self.close()
+            raise SinkError(
+                "spool %s: made by an older citynode (no reading_index column): let that "
+                "version deliver it, or move it away to start a new spool" % self.path
+            )
+        if columns != _COLUMNS:
             self.close()
             raise SinkError("spool %s: table spool has columns %s" % (self.path, columns))
+        try:
+            SqlRanges(self._db())  # creates the ledger table
+        except sqlite3.Error as e:
+            self.close()
+            raise SinkError("spool %s: cannot open: %s" % (self.path, e)) from None
 
     def _db(self):
         db = getattr(self._local, "db", None)
@@ -96,14 +130,25 @@ class Spool:
     # --- the receiver's side: a durable sink ---
 
     def write(self, rows):
-        """Append rows in one transaction and commit (fsync); return how many. Raises SpoolFull
-        (a SinkError) when the disk or the size limit is reached, nothing of rows written."""
+        """Append the rows of readings not spooled before (the ledger of reading identities
+        in the same file, the same transaction) and commit (fsync); return how many were new.
+        Raises SpoolFull (a SinkError) when the disk or the size limit is reached, nothing of
+        rows written."""
+        db = self._db()
         try:
-            self._transaction(
-                "INSERT INTO spool(node_id, ts, quantity, value) VALUES (?, ?, ?, ?)",
-                rows,
-                many=True,
-            )
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                new = SqlRanges(db).take(rows)
+                db.executemany(
+                    "INSERT INTO spool(node_id, reading_index, ts, quantity, value) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    new,
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # a failed COMMIT leaves it open
+                    db.execute("ROLLBACK")
+                raise
         except sqlite3.Error as e:
             if is_disk_full(e):
                 self.counters["spool_full"] += 1
@@ -114,10 +159,12 @@ class Spool:
                 ) from None
             self.counters["spool_error"] += 1
             raise
-        self.counters["rows_spooled"] += len(rows)
+        self.counters["rows_spooled"] += len(new)
+        if len(new) < len(rows):
+            self.counters["rows_already_spooled"] += len(rows) - len(new)
         with self._new_rows:
             self._new_rows.notify_all()
-        return len(rows)
+        return len(new)
 
     def wait(self, timeout):
         """Block until rows are written (or timeout seconds pass)."""
@@ -144,13 +191,14 @@ class Spool:
             self.consumers.append(name)
 
     def read(self, name, limit):
-        """Up to limit rows (id, node_id, ts, quantity, value) the consumer has not passed yet,
-        oldest first."""
+        """Up to limit rows (id, node_id, reading_index, ts, quantity, value) the consumer has
+        not passed yet, oldest first."""
         return (
             self._db()
             .execute(
-                "SELECT id, node_id, ts, quantity, value FROM spool WHERE id > "
-                "(SELECT last_id FROM progress WHERE sink = ?) ORDER BY id LIMIT ?",
+                "SELECT id, node_id, reading_index, ts, quantity, value FROM spool WHERE "
+                + _MINE
+                + " ORDER BY id LIMIT ?2",
                 (name, limit),
             )
             .fetchall()
@@ -178,14 +226,93 @@ class Spool:
     def backlog(self, name):
         """How many rows the consumer has still to deliver."""
         (count,) = (
-            self._db()
-            .execute(
-                "SELECT count(*) FROM spool WHERE id > "
-                "(SELECT last_id FROM progress WHERE sink = ?)",
+            self._db().execute("SELECT count(*) FROM spool WHERE " + _MINE, (name,)).fetchone()
+        )
+        return count
+
+    # --- dead letters ---
+
+    def dead_letter(self, name, rows, reason, error, now=None):
+        """Move rows (as read(): id first) the consumer's sink refused for good to the dead
+        letters, and its mark past them, in one transaction."""
+        now = time.time() if now is None else now
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO dead VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(name, *row, reason, error, now) for row in rows],
+            )
+            db.execute(
+                "UPDATE progress SET last_id = max(last_id, ?) WHERE sink = ?",
+                (max(row[0] for row in rows), name),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.counters["rows_dead"] += len(rows)
+
+    def dead_count(self, name):
+        """How many of the consumer's rows are in the dead letters."""
+        (count,) = (
+            self._db().execute("SELECT count(*) FROM dead WHERE sink = ?", (name,)).fetchone()
+        )
+        return count
+
+    def dead_letters(self):
+        """{sink: {"rows", "first", "last" (unix times), "reason", "error" (the latest)}}."""
+        out = {}
+        for name, rows, first, last in self._db().execute(
+            "SELECT sink, count(*), min(time), max(time) FROM dead GROUP BY sink ORDER BY sink"
+        ):
+            reason, error = (
+                self._db()
+                .execute(
+                    "SELECT reason, error FROM dead WHERE sink = ? ORDER BY time DESC, id DESC",
+                    (name,),
+                )
+                .fetchone()
+            )
+            out[name] = {
+                "rows": rows,
+                "first": first,
+                "last": last,
+                "reason": reason,
+                "error": error,
+            }
+        return out
+
+    def requeue(self, name):
+        """Put the consumer's dead letters back in its queue (its alone: the other sinks have
+        those readings), oldest first, after what is spooled; return how many. Raises
+        SinkError for a name the spool has no consumer of."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM progress WHERE sink = ?", (name,)).fetchone() is None:
+                known = [r[0] for r in db.execute("SELECT sink FROM progress ORDER BY sink")]
+                raise SinkError(
+                    "spool %s: no sink named %r; its sinks: %s"
+                    % (self.path, name, ", ".join(map(repr, known)) or "none")
+                )
+            cur = db.execute(
+                "INSERT INTO spool(node_id, reading_index, ts, quantity, value, sink) "
+                "SELECT node_id, reading_index, ts, quantity, value, sink FROM dead "
+                "WHERE sink = ? ORDER BY id",
                 (name,),
             )
-            .fetchone()
-        )
+            count = cur.rowcount
+            db.execute("DELETE FROM dead WHERE sink = ?", (name,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.log.info("spool %s: %d dead letters of %s queued again", self.path, count, name)
+        with self._new_rows:
+            self._new_rows.notify_all()
         return count
 
     def close(self):

@@ -4,6 +4,7 @@
 import json
 import random
 import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -42,8 +43,11 @@ def assert_error_lines(result, *lines):
     assert result.stderr.splitlines() == list(lines)
 
 
-def data_frame(node_id=7, seq=1, key=KEY7, readings=((2150, 4500, 101325),), ages=(0,)):
-    return frame.encode_data(frame.Signer(key), node_id, seq, BME, list(readings), list(ages))
+def data_frame(node_id=7, seq=1, key=KEY7, readings=((2150, 4500, 101325),), ages=(0,), version=2):
+    """A DATA frame: v2 (seq is the first reading's index) unless version=1."""
+    return frame.encode_data(
+        frame.Signer(key), node_id, seq, BME, list(readings), list(ages), version=version
+    )
 
 
 @pytest.fixture
@@ -63,7 +67,7 @@ def test_decode_prints_one_object_per_reading(keys):
     objects = [json.loads(line) for line in result.stdout.splitlines()]
     assert objects[0] == {
         "node_id": 7,
-        "seq": 9,
+        "reading_index": 9,
         "quantity": "temperature_c",
         "value": 21.5,
         "age_s": 90,
@@ -78,6 +82,14 @@ def test_decode_prints_one_object_per_reading(keys):
         ("pressure_hpa", 1013.2, 30),
     ]
     assert objects[-1]["ts"] == RX_TIME - 30
+    assert [o["reading_index"] for o in objects] == [9, 9, 9, 10, 10, 10]
+
+
+def test_decode_a_v1_frame_prints_its_seq(keys):
+    hex_frame = data_frame(seq=9, version=1).hex()
+    result = run("decode", hex_frame, "--keys", keys, "--rx-time", RX_TIME)
+    assert result.returncode == 0, result.stderr
+    assert {json.loads(line)["seq"] for line in result.stdout.splitlines()} == {9}
 
 
 def test_decode_rx_time_defaults_to_now(keys):
@@ -93,12 +105,14 @@ def test_decode_stdin_skips_blank_lines_and_whitespace(keys):
     lines = ["", "  " + data_frame(seq=1).hex() + "  ", "", "\t" + data_frame(seq=2).hex()]
     result = run("decode", "--keys", keys, "--rx-time", RX_TIME, stdin="\n".join(lines) + "\n")
     assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == [1, 1, 1, 2, 2, 2]
+    indices = [json.loads(line)["reading_index"] for line in result.stdout.splitlines()]
+    assert indices == [1, 1, 1, 2, 2, 2]
 
 
 def test_decode_with_a_single_key_file(tmp_path):
     key_file = tmp_path / "node.key"
     key_file.write_text(KEY8.hex() + "\n")
+    key_file.chmod(0o600)
     result = run("decode", data_frame(node_id=42, key=KEY8).hex(), "--keys", key_file)
     assert result.returncode == 0, result.stderr
     assert {json.loads(line)["node_id"] for line in result.stdout.splitlines()} == {42}
@@ -118,7 +132,7 @@ def test_decode_ack(keys):
 
 
 def test_decode_status(keys):
-    status = frame.encode_status(frame.Signer(KEY8), 8, 4, {9: 3600, 77: -5})
+    status = frame.encode_status(frame.Signer(KEY8), 8, 4, {9: 3600, 77: -5}, version=1)
     result = run("decode", status.hex(), "--keys", keys)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
@@ -189,6 +203,7 @@ def test_decode_garbage_one_line_each_never_a_traceback(keys):
 def test_decode_bad_key_file(tmp_path, contents, message):
     path = tmp_path / "keys.json"
     path.write_text(contents)
+    path.chmod(0o600)
     result = run("decode", data_frame().hex(), "--keys", path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -202,6 +217,87 @@ def test_decode_missing_key_file(tmp_path):
     assert_error_lines(
         result, "citynode: %s: cannot read: No such file or directory" % (tmp_path / "nope.json")
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nan", "expected a finite number of unix seconds, got 'nan'"),
+        ("inf", "expected a finite number of unix seconds, got 'inf'"),
+        ("-inf", "expected a finite number of unix seconds, got '-inf'"),
+        ("1e20", "1e20 is not a date in years 1..9999"),
+        ("-1e20", "-1e20 is not a date in years 1..9999"),
+        ("253402300800", "253402300800 is not a date in years 1..9999"),  # 10000-01-01
+        ("-62135596801", "-62135596801 is not a date in years 1..9999"),  # 0000-12-31
+        ("soon", "expected unix seconds, got 'soon'"),
+    ],
+)
+def test_decode_rx_time_must_be_a_finite_date(keys, value, message):
+    # `=`: argparse takes a separate "-inf" for an option, not a value
+    result = run("decode", data_frame().hex(), "--keys", keys, "--rx-time=" + value)
+    assert_error_lines(result, "citynode: --rx-time: " + message)
+    assert result.stdout == ""
+
+
+def test_decode_rx_time_as_a_separate_argument(keys):
+    result = run("decode", data_frame().hex(), "--keys", keys, "--rx-time", "nan")
+    assert_error_lines(
+        result, "citynode: --rx-time: expected a finite number of unix seconds, got 'nan'"
+    )
+
+
+def test_decode_rx_time_at_the_ends_of_the_dates(keys):
+    first = -62135596800  # 0001-01-01T00:00:00Z
+    last = 253402300799  # 9999-12-31T23:59:59Z
+    result = run("decode", data_frame(ages=[0]).hex(), "--keys", keys, "--rx-time", last)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["time"] == "9999-12-31T23:59:59.000Z"
+    # a valid --rx-time whose reading, 90 s older, has no date: that frame fails, no traceback
+    older = data_frame(ages=[90]).hex()
+    result = run("decode", older, data_frame(ages=[0]).hex(), "--keys", keys, "--rx-time", first)
+    assert_error_lines(
+        result,
+        "citynode: frame 1: node 7: a reading 90 s old: --rx-time minus its age, "
+        "-62135596890.0, is not a date in years 1..9999",
+    )
+    assert [json.loads(line)["time"] for line in result.stdout.splitlines()] == [
+        "0001-01-01T00:00:00.000Z"
+    ] * 3
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["registry", "single-key"])
+@pytest.mark.parametrize(
+    ("mode", "who"),
+    [
+        (0o644, "group (read) and others (read)"),
+        (0o640, "group (read)"),
+        (0o666, "group (read, write) and others (read, write)"),
+        (0o604, "others (read)"),
+    ],
+    ids=["0644", "0640", "0666", "0604"],
+)
+def test_decode_refuses_a_key_file_others_can_read(keys, tmp_path, mode, who, single):
+    path = keys  # a registry of nodes 7 and 8
+    if single:
+        path = tmp_path / "node.key"
+        path.write_text(KEY7.hex() + "\n")
+    path.chmod(mode)
+    result = run("decode", data_frame().hex(), "--keys", path, "--rx-time", RX_TIME)
+    assert_error_lines(
+        result,
+        "citynode: %s: mode %04o gives access to %s; a key file must be private to its owner. "
+        "Fix: chmod 600 %s (and rotate the keys if someone else may have read them)"
+        % (path, mode, who, shlex.quote(str(path))),
+    )
+    assert result.stdout == ""
+    path.chmod(0o600)  # the same file, private: accepted
+    result = run("decode", data_frame().hex(), "--keys", path, "--rx-time", RX_TIME)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["value"] for line in result.stdout.splitlines()] == [
+        21.5,
+        45.0,
+        1013.25,
+    ]
 
 
 def test_help_lists_the_commands():

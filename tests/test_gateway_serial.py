@@ -310,6 +310,69 @@ def test_bad_lora_crc_status_levels_and_a_gateway_sending_downlinks(gw, caplog):
         src.stop()
 
 
+def status(gw_id, seq, now_ms):
+    return gwlink.encode(gwlink.Status(gw_id, seq, now_ms, ord("D"), ""))
+
+
+def test_gateway_ids_invented_by_a_noisy_line_are_bounded(gw, caplog):
+    # Gateway 7 is real and speaks after every 10 invented ids; a line keeps 16 gateways, so
+    # the invented ones are forgotten, least recently heard first, and gateway 7 never is.
+    src = source(gw.url, max_gateways=16)
+    intake = Intake()
+    start(src, intake)
+    line = src.lines[0]
+    t0 = time.time()
+
+    def gw7_ms():  # gateway 7's clock: 500 s at t0, running with the host's
+        return 500_000 + round((time.time() - t0) * 1000)
+
+    try:
+        with caplog.at_level("WARNING", logger="citynode.gateway"):
+            gw.send(status(7, 0, gw7_ms()))
+            noise_id = 1000
+            for batch in range(1, 501):
+                chunk = bytearray()
+                for _ in range(10):
+                    chunk += status(noise_id, 40_000, 3_000_000_000)
+                    noise_id += 1
+                gw.send(bytes(chunk + status(7, batch, gw7_ms())))
+                if batch % 50 == 0:
+                    wait_for(lambda b=batch: src.counters["gateway_status"] == 11 * b + 1)
+                    assert len(line.gateways) == 16
+            wait_for(lambda: src.counters["gateway_status"] == 5501, what="all the statuses")
+        assert len(line.gateways) == 16
+        assert src.counters["gateway_state_evicted"] == 5001 - 16  # all but 16 ids forgotten
+        assert list(line.gateways)[-1] == 7 and 1000 not in line.gateways
+        assert src.counters["gateway_clock_resets"] == 0
+        assert src.counters["gateway_messages_lost"] == 0
+        evict_logs = [r for r in caplog.records if "gateway ids heard" in r.getMessage()]
+        assert len(evict_logs) == 1  # one line a minute, not one per id
+        assert "forgot gateway 1000" in evict_logs[0].getMessage()
+        # gateway 7 kept its seq: a skipped message is still counted
+        gw.send(status(7, 502, gw7_ms()))
+        wait_for(lambda: src.counters["gateway_messages_lost"] == 1, what="the gap")
+        # and its clock: an uplink it stamped 2 s before its latest status is dated so, where
+        # a fresh clock would date it at its arrival
+        sent_at, rx_ms = time.time(), gw7_ms() - 2000
+        gw.send(gwlink.encode(uplink_msg(b"real", gw_id=7, seq=503, rx_ms=rx_ms)))
+        ((data, _, rx_time),) = take(intake)
+        assert data == b"real"
+        assert rx_time == pytest.approx(sent_at - 2.0 - 0.185344, abs=0.5)
+        # a forgotten gateway that comes back starts afresh: no loss counted for its seq jump
+        gw.send(status(1000, 7, 3_000_000_000))
+        wait_for(lambda: src.counters["gateway_status"] == 5503, what="the forgotten gateway")
+        assert src.counters["gateway_messages_lost"] == 1
+        assert src.counters["gateway_clock_resets"] == 0
+        assert len(line.gateways) == 16
+    finally:
+        src.stop()
+
+
+def test_max_gateways_must_be_positive():
+    with pytest.raises(ValueError, match="max_gateways must be at least 1, got 0"):
+        SerialGatewaySource("loop://", max_gateways=0)
+
+
 # --- a pseudo-terminal, unplugged and re-plugged ------------------------------------------
 
 
@@ -382,7 +445,8 @@ def test_end_to_end_into_sqlite_and_the_ack_back_to_the_node(gw, tmp_path):
         wait_for(lambda: gw.messages(), what="the ack")
         (down,) = gw.messages()
         ack = uplink.decode_ack(down.payload, signer)
-        assert ack.node_id == 17 and ack.acked == [(5, 5)]
+        # format v2: readings 5, 6, 7 acknowledged, the frame's own tag echoed
+        assert ack.node_id == 17 and ack.acked == [(5, 7)] and ack.echo == data[-4:]
         assert down.tx_at_ms == 1_000_000 + gwlink.RX_DELAY_MS and down.gw_id == 3
         rows = (
             sqlite3.connect(str(tmp_path / "r.db"))

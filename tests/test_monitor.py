@@ -402,7 +402,7 @@ def test_decodes_a_frame_under_its_line():
     )
     assert out.splitlines() == [
         "I 4.000 radio rx frame=%s rssi=-80" % f.hex(),
-        "    frame: data node=7 seq=3 bytes=%d" % len(f),
+        "    frame: data node=7 index=3 bytes=%d" % len(f),
         "      age=60s temperature_c=21.5 humidity_pct=45 pressure_hpa=1013.25",
         "      age=0s temperature_c=21.6 humidity_pct=44.9 pressure_hpa=1013.2",
     ]
@@ -418,7 +418,7 @@ def test_frame_in_json():
             "bytes": len(f),
             "type": "data",
             "node_id": 7,
-            "seq": 3,
+            "index": 3,
             "readings": [
                 {
                     "age_s": 0,
@@ -427,6 +427,7 @@ def test_frame_in_json():
                         "humidity_pct": 45.0,
                         "pressure_hpa": 1013.25,
                     },
+                    "index": 3,
                 }
             ],
         }
@@ -477,7 +478,7 @@ def test_hex_that_is_not_a_frame():
     assert fed(b"short 1107035e9a28\n", frames=decoder).count("\n") == 1
     # in a field named after frames: said
     out = fed(b"I 1.000 radio rx frame=%s\n" % not_frame.encode(), frames=decoder).splitlines()
-    assert out[1] == "    frame: ?, 16 bytes: unsupported frame version 0 (this codec reads 1)"
+    assert out[1] == "    frame: ?, 16 bytes: unsupported frame version 0 (reads 1, 2)"
 
 
 def test_status_and_ack_frames():
@@ -659,7 +660,7 @@ def test_the_firmware_on_micropython_through_a_pty(board_build):
     assert lines[:6] == [
         "I 540.011 node started board=sim fw=0.1.0 node=7",
         "I 541.511 radio rx frame=%s rssi=-80" % data_frame().hex(),
-        "    frame: data node=7 seq=3 bytes=%d" % len(data_frame()),
+        "    frame: data node=7 index=3 bytes=%d" % len(data_frame()),
         "      age=60s temperature_c=21.5 humidity_pct=45 pressure_hpa=1013.25",
         "      age=0s temperature_c=21.6 humidity_pct=44.9 pressure_hpa=1013.2",
         "E 541.511 sensor bme280: no device at 0x76 (OSError 19)",
@@ -774,7 +775,7 @@ def test_cli_end_to_end_with_keys_save_and_ctrl_c(tmp_path):
     )
     assert Path(stdout.name).read_text().splitlines() == [
         "I 4.000 radio rx frame=" + f.hex(),
-        "    frame: data node=7 seq=3 bytes=%d" % len(f),
+        "    frame: data node=7 index=3 bytes=%d" % len(f),
         "      age=60s temperature_c=21.5 humidity_pct=45 pressure_hpa=1013.25",
         "      age=0s temperature_c=21.6 humidity_pct=44.9 pressure_hpa=1013.2",
         "\\xff\\xfe junk [garbled: 2 bytes escaped]",

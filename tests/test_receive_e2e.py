@@ -57,7 +57,8 @@ class Fleet:
         # readings of one node within 1.5 s for the same reading sent again)
         older = 600 * (5000 - seq)
         ages = [older + 60 * (PER_FRAME - 1 - i) for i in range(PER_FRAME)]
-        datagram = frame.encode_data(frame.Signer(NODES[node]), node, seq, BME, readings, ages)
+        first = (seq - 1) * PER_FRAME  # format v2: the reading index of the first reading
+        datagram = frame.encode_data(frame.Signer(NODES[node]), node, first, BME, readings, ages)
         for _ in range(tries):
             self.sock.settimeout(timeout)
             self.sock.sendto(datagram, self.addr)
@@ -65,7 +66,7 @@ class Fleet:
                 while True:
                     reply, _ = self.sock.recvfrom(512)
                     ack = uplink.decode_ack(reply, frame.Signer(NODES[node]))
-                    if ack.acked == [(seq, seq)]:
+                    if ack.echo == datagram[-4:] and ack.acked == [(first, first + 9)]:
                         break
             except TimeoutError:
                 self.unacked_tries += 1
@@ -92,7 +93,9 @@ class Fleet:
 
 def sqlite_rows(db):
     with sqlite3.connect(db) as conn:
-        return conn.execute("SELECT node_id, ts, quantity, value FROM readings").fetchall()
+        return conn.execute(
+            "SELECT node_id, reading_index, ts, quantity, value FROM readings"
+        ).fetchall()
 
 
 def wait_until(predicate, timeout=30.0, what="condition"):
@@ -165,7 +168,7 @@ def test_sinks_killed_and_restarted_every_reading_exactly_once(tmp_path, keys):
         rx.proc.send_signal(signal.SIGUSR1)
         rx.wait_for(r"counters: .*frames_accepted=35 ")
 
-        expected = {reading_id(*r[:3]) for r in sqlite_rows(db)}
+        expected = {reading_id(*r[:4]) for r in sqlite_rows(db)}
         assert len(expected) == 35 * 3 * PER_FRAME
 
         def webhook_ids():
@@ -218,12 +221,12 @@ def test_sinks_killed_and_restarted_every_reading_exactly_once(tmp_path, keys):
 
     # every reading exactly once in SQLite, with the values the nodes sent
     rows = sqlite_rows(db)
-    assert len(rows) == len({reading_id(*r[:3]) for r in rows})
+    assert len(rows) == len({reading_id(*r[:4]) for r in rows})
     for node in NODES:
-        got = sorted((q, round(v, 2)) for n, _, q, v in rows if n == node)
+        got = sorted((q, round(v, 2)) for n, _, _, q, v in rows if n == node)
         assert got == sorted(fleet.sent_values[node])
     # the same readings, once by id, at the webhook and on MQTT, with the same values
-    by_id = {reading_id(*r[:3]): r[3] for r in rows}
+    by_id = {reading_id(*r[:4]): r[4] for r in rows}
     for reading in webhook.readings() + sub.readings():
         assert by_id[reading["id"]] == reading["value"]
     # Home Assistant discovery: one config per node and quantity
@@ -270,7 +273,7 @@ def test_receiver_killed_with_a_backlog_delivers_it_after_restart(tmp_path, keys
         webhook.start()
         rx = Receiver(*args)
         rx.wait_for(r"listening on udp")
-        expected = {reading_id(*r[:3]) for r in sqlite_rows(db)}
+        expected = {reading_id(*r[:4]) for r in sqlite_rows(db)}
         assert len(expected) == 15 * 3 * PER_FRAME
         wait_until(
             lambda: {r["id"] for r in webhook.readings()} == expected,
@@ -321,7 +324,7 @@ def test_spool_full_means_no_ack_then_recovers(tmp_path, keys):
                 break
         assert full, "the spool never filled"
         rx.wait_for(
-            r"sink failed node=\d+ seq=\d+: SpoolFull: spool .*spool\.db: disk full or at its "
+            r"sink failed node=\d+ index=\d+: SpoolFull: spool .*spool\.db: disk full or at its "
             r"limit of 50000 bytes \(database or disk is full\): 30 readings not spooled; "
             r"not acked"
         )
@@ -329,7 +332,7 @@ def test_spool_full_means_no_ack_then_recovers(tmp_path, keys):
         assert fleet.send_frame(node, tries=60, timeout=0.5)  # the same frame, resent
         for _ in range(3):
             fleet.send_round()
-        expected = {reading_id(*r[:3]) for r in sqlite_rows(db)}
+        expected = {reading_id(*r[:4]) for r in sqlite_rows(db)}
         assert len(expected) == 3 * PER_FRAME * sum(fleet.acked.values())
         wait_until(
             lambda: {r["id"] for r in webhook.readings()} == expected,
@@ -345,7 +348,7 @@ def test_spool_full_means_no_ack_then_recovers(tmp_path, keys):
         webhook.kill()
     assert "Traceback" not in rx.drain()
     rows = sqlite_rows(db)
-    assert len(rows) == len({reading_id(*r[:3]) for r in rows})  # nothing doubled
+    assert len(rows) == len({reading_id(*r[:4]) for r in rows})  # nothing doubled
 
 
 @pytest.mark.parametrize(
@@ -433,7 +436,7 @@ def test_udp_and_mqtt_sources_at_once(tmp_path, keys):
         rx.wait_for(r"mqtt-in .*: connected, subscribed", timeout=40)
         gateway = Subscriber(broker, ["gw/#"], client_id="gateway-2")
         signer = frame.Signer(NODES[3])
-        one = frame.encode_data(signer, 3, 1, BME, [(2150, 4500, 101325)], [600])
+        one = frame.encode_data(signer, 3, 1, BME, [(2150, 4500, 101325)], [600], version=1)
         gateway.client.publish("gw/lora-1/up", one, qos=1)
         wait_until(lambda: any(t == "gw/lora-1/up/ack" for t, _, _ in gateway.snapshot()))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -443,7 +446,7 @@ def test_udp_and_mqtt_sources_at_once(tmp_path, keys):
                 udp.recvfrom(512)
             # sampled ten minutes after the first (equal values of one node within 1.5 s are the
             # same reading sent again, to the SQLite sink)
-            two = frame.encode_data(signer, 3, 2, BME, [(2160, 4500, 101325)], [0])
+            two = frame.encode_data(signer, 3, 2, BME, [(2160, 4500, 101325)], [0], version=1)
             udp.sendto(two, ("127.0.0.1", port))
             assert uplink.decode_ack(udp.recvfrom(512)[0], signer).acked == [(2, 2)]
         (topic, ack, _) = [m for m in gateway.snapshot() if m[0].endswith("/ack")][0]
@@ -473,8 +476,8 @@ def test_bench_receiver_speed_quick():
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["core", "core", "udp", "mem"]
-    assert re.search(r"mem +5000 nodes .*: \d+ bytes/node held", lines[3])
+    assert [line.split()[0] for line in lines] == ["core", "core", "core", "udp", "mem"]
+    assert re.search(r"mem +5000 nodes .*: \d+ bytes/node held", lines[4])
 
 
 def test_influx_file_and_jsonl_beside_sqlite(tmp_path, keys):
@@ -495,12 +498,12 @@ def test_influx_file_and_jsonl_beside_sqlite(tmp_path, keys):
     rows = sqlite_rows(db)
     lines = lp.read_text().splitlines()
     assert len(lines) == 5 * PER_FRAME  # one point per node and time, three fields each
-    points = {"citynode,node_id=%d %d" % (r[0], round(r[1] * 1000) * 1_000_000) for r in rows}
+    points = {"citynode,node_id=%d %d" % (r[0], round(r[2] * 1000) * 1_000_000) for r in rows}
     assert {re.sub(r" \S+ ", " ", line) for line in lines} == points
     assert all(
         re.fullmatch(
             r"citynode,node_id=\d+ humidity_pct=[\d.]+,pressure_hpa=[\d.]+,"
-            r"temperature_c=[\d.]+ \d{19}",
+            r"reading_index=\d+i,temperature_c=[\d.]+ \d{19}",
             line,
         )
         for line in lines
@@ -530,7 +533,7 @@ def one_frame(node, seq, raw=2150):
     """A frame of one reading sampled seq minutes ago (distinct frames, distinct times: one
     node's readings at the same millisecond are one reading to the backend)."""
     signer = frame.Signer(NODES[node])
-    return frame.encode_data(signer, node, seq, BME, [(raw, 4500, 101325)], [60 * seq])
+    return frame.encode_data(signer, node, seq, BME, [(raw, 4500, 101325)], [60 * seq], version=1)
 
 
 def test_batch_dedupes_copies_and_commits_once():
@@ -577,7 +580,7 @@ def test_batch_sink_failure_acks_nothing_and_keeps_receive_times():
     now[0] += 30  # the nodes resend 30 s later: the readings keep their first receive time
     acks = core.handle([(one_frame(1, 1), None), (one_frame(2, 1), None)])
     assert all(acks)
-    assert {r[1] for r in sink.rows} == {1_700_000_000.0 - 60}  # seq 1 was sampled 60 s before
+    assert {r[2] for r in sink.rows} == {1_700_000_000.0 - 60}  # seq 1 was sampled 60 s before
 
 
 def test_serve_and_udp_source_on_real_sockets(tmp_path):
@@ -628,7 +631,9 @@ def test_a_restarted_receiver_still_refuses_a_replayed_frame(tmp_path, keys):
     # An attacker (or a confused gateway) sends a captured frame again after the receiver
     # restarted: with the replay state kept beside the key file it is a duplicate, not new
     # readings at a wrong time; with --replay-state none the restarted receiver would take it.
-    datagram = frame.encode_data(frame.Signer(NODES[1]), 1, 7, BME, [(2100, 4000, 101000)], [0])
+    datagram = frame.encode_data(
+        frame.Signer(NODES[1]), 1, 7, BME, [(2100, 4000, 101000)], [0], version=1
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.settimeout(3)
     db = tmp_path / "rx.db"

@@ -9,6 +9,7 @@ import random
 import socket
 import sqlite3
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -37,15 +38,17 @@ READINGS = [(2150, 4500, 101325), (2160, 4510, 101320), (2171, 4490, 101318)]
 AGES = [120, 60, 0]
 
 
-def data_frame(node_id=7, seq=1, key=None, readings=READINGS, ages=AGES, channels=BME):
+def data_frame(node_id=7, seq=1, key=None, readings=READINGS, ages=AGES, channels=BME, version=1):
+    """A DATA frame; v1 (seq) unless version=2 (seq is then the first reading index)."""
     signer = frame.Signer(key if key is not None else KEYS[node_id])
-    return frame.encode_data(signer, node_id, seq, channels, readings, ages)
+    return frame.encode_data(signer, node_id, seq, channels, readings, ages, version=version)
 
 
 def stored(db_path):
     with sqlite3.connect(db_path) as db:
         return db.execute(
-            "SELECT node_id, ts, quantity, value FROM readings ORDER BY ts, quantity"
+            "SELECT node_id, ts, quantity, value FROM readings "
+            "ORDER BY ts, quantity, reading_index"
         ).fetchall()
 
 
@@ -149,7 +152,7 @@ def test_valid_frame_stored_with_receive_time_minus_age_then_acked(receiver, db_
     ]
     assert rows[-1] == (7, RX_TIME, "temperature_c", 21.71)
     decoded = uplink.decode_ack(ack, frame.Signer(KEY7))
-    assert decoded == uplink.Ack(7, int(RX_TIME), [(42, 42)])
+    assert decoded == uplink.Ack(7, int(RX_TIME), [(42, 42)], None)  # v1 frame: v1 ack
     with pytest.raises(frame.FrameError):
         uplink.decode_ack(ack, frame.Signer(KEY8))  # signed with the node's own key
     assert receiver.counters == {"frames_accepted": 1, "readings_accepted": 3}
@@ -159,14 +162,17 @@ def test_ts_rounded_to_milliseconds():
     sink = ListSink()
     r = Receiver(Verifier(KEYS), sink, clock=FakeClock(1_700_000_000.123456))
     assert r.datagram(data_frame(readings=[(1, 2, 3)], ages=[5])) is not None
-    assert {row[1] for row in sink.rows} == {1_699_999_995.123}
+    assert {row[2] for row in sink.rows} == {1_699_999_995.123}
 
 
 def test_unknown_channel_is_carried_raw():
     sink = ListSink()
     r = Receiver(Verifier(KEYS), sink, clock=FakeClock())
     r.datagram(data_frame(channels=(1, 99), readings=[(2000, 7)], ages=[0]))
-    assert sink.rows == [(7, RX_TIME, "temperature_c", 20.0), (7, RX_TIME, "channel_99", 7.0)]
+    assert sink.rows == [
+        (7, None, RX_TIME, "temperature_c", 20.0),
+        (7, None, RX_TIME, "channel_99", 7.0),
+    ]
 
 
 def test_duplicate_from_two_gateways_stored_once(receiver, db_path):
@@ -227,7 +233,7 @@ def test_ack_frame_sent_to_host_is_rejected(receiver):
 
 
 def test_status_frame_logged_acked_and_shares_the_seq_window(receiver, caplog, db_path):
-    status = frame.encode_status(frame.Signer(KEY7), 7, 20, {3: 51200, 1: 4, 42: -1})
+    status = frame.encode_status(frame.Signer(KEY7), 7, 20, {3: 51200, 1: 4, 42: -1}, version=1)
     with caplog.at_level(logging.INFO, logger="citynode.receiver"):
         ack = receiver.datagram(status)
     assert uplink.decode_ack(ack, frame.Signer(KEY7)).acked == [(20, 20)]
@@ -344,6 +350,168 @@ def test_sink_failure_means_no_ack_and_retransmission_accepted(db_path, caplog):
     sqlite_sink.close()
 
 
+# --- format v2: identity ---------------------------------------------------------------
+
+
+def v2_frame(index, node_id=7, key=None, readings=READINGS, ages=AGES):
+    return data_frame(node_id, index, key, readings, ages, version=2)
+
+
+def identity_rows(db_path):
+    with sqlite3.connect(db_path) as db:
+        return db.execute(
+            "SELECT node_id, reading_index, ts, quantity FROM readings ORDER BY reading_index, "
+            "quantity"
+        ).fetchall()
+
+
+def test_v2_frame_stored_under_its_reading_indices_and_acked_by_range(receiver, db_path):
+    datagram = v2_frame(40310)
+    ack = receiver.datagram(datagram)
+    rows = identity_rows(db_path)
+    assert [r[1] for r in rows] == [40310] * 3 + [40311] * 3 + [40312] * 3
+    assert rows[0][2] == RX_TIME - 120
+    decoded = uplink.decode_ack(ack, frame.Signer(KEY7))
+    assert decoded == uplink.Ack(7, int(RX_TIME), [(40310, 40312)], datagram[-4:])
+
+
+def test_v2_copy_resent_later_with_new_ages_is_acked_and_not_stored_again(db_path):
+    """A lost ack: the node sends the same readings again, ages counted anew, 7 s later. The
+    copy is acked (the node must forget them) and dropped; the first timestamps stand."""
+    clock = FakeClock()
+    sink = SqliteSink(db_path)
+    r = Receiver(Verifier(KEYS), sink, clock=clock)
+    assert r.datagram(v2_frame(5)) is not None
+    first = identity_rows(db_path)
+    clock.now += 7
+    again = v2_frame(5, ages=[a + 7 for a in AGES])
+    ack = r.datagram(again)
+    assert uplink.decode_ack(ack, frame.Signer(KEY7)).echo == again[-4:]
+    assert identity_rows(db_path) == first
+    assert r.counters["frames_copies"] == 1
+    sink.close()
+
+
+def test_v2_copy_is_dropped_by_the_sink_when_the_receiver_forgot_it(db_path):
+    """A fresh receiver (restart, lost state, a second receiver on the same database) has no
+    memory of the frame: the database's identity key drops the copy, and it is still acked."""
+    for clock_s in (RX_TIME, RX_TIME + 12):
+        sink = SqliteSink(db_path)
+        r = Receiver(Verifier(KEYS), sink, clock=FakeClock(clock_s))
+        assert r.datagram(v2_frame(100)) is not None
+        sink.close()
+    rows = identity_rows(db_path)
+    assert len(rows) == 9
+    assert {row[2] for row in rows} == {RX_TIME - 120, RX_TIME - 60, RX_TIME}
+    assert r.counters["values_already_stored"] == 9
+
+
+def test_v2_overlapping_backlog_stores_only_the_new_readings(receiver, db_path):
+    assert receiver.datagram(v2_frame(10, readings=READINGS[:2], ages=[60, 0])) is not None
+    assert receiver.datagram(v2_frame(10, ages=[70, 10, 0])) is not None
+    assert [r[1] for r in identity_rows(db_path)] == [10] * 3 + [11] * 3 + [12] * 3
+    assert receiver.counters["values_already_stored"] == 6
+
+
+def test_v2_frame_heard_twice_is_acked_once_quietly(receiver, db_path, caplog):
+    """Two gateways hear one transmission: the same bytes twice. One ack (a second would
+    collide with it on the air), counted apart, not logged as a rejection."""
+    datagram = v2_frame(7)
+    with caplog.at_level(logging.WARNING, logger="citynode.receiver"):
+        acks = receiver.handle([(datagram, RX_TIME), (datagram, RX_TIME + 0.2)])
+        late = receiver.datagram(datagram, RX_TIME + 0.5)  # the second gateway, a batch later
+    assert acks[0] is not None and acks[1] is None and late is None
+    assert len(identity_rows(db_path)) == 9
+    assert receiver.counters["frames_heard_again"] == 2
+    assert "rejected" not in caplog.text
+
+
+def test_v2_resent_copy_in_the_same_batch_is_acked_too(receiver, db_path):
+    first, again = v2_frame(7), v2_frame(7, ages=[a + 30 for a in AGES])
+    acks = receiver.handle([(first, RX_TIME), (again, RX_TIME)])
+    assert all(acks)
+    assert uplink.decode_ack(acks[1], frame.Signer(KEY7)).echo == again[-4:]
+    assert len(identity_rows(db_path)) == 9
+    assert receiver.counters["frames_copies"] == 1
+
+
+def test_v2_receive_time_is_the_sources(receiver, db_path):
+    """rx_time given by the source (read time) is used, not the time the batch is handled."""
+    receiver.handle([(v2_frame(1, readings=[(1, 2, 3)], ages=[4]), RX_TIME - 5)])
+    assert {r[2] for r in identity_rows(db_path)} == {RX_TIME - 9}
+
+
+def test_v2_status_frame_acked_with_its_tag_and_windowed_by_seq(receiver, caplog):
+    status = frame.encode_status(frame.Signer(KEY7), 7, 20, {1: 4})
+    ack = receiver.datagram(status)
+    assert uplink.decode_ack(ack, frame.Signer(KEY7)) == uplink.Ack(
+        7, int(RX_TIME), [], status[-4:]
+    )
+    assert receiver.datagram(status) is None
+    assert receiver.counters["rejected_duplicate"] == 1
+
+
+def test_previous_key_accepted_during_grace_and_acked_under_it(db_path):
+    old, new = KEY7, bytes(range(50, 66))
+    sink = SqliteSink(db_path)
+    r = Receiver(Verifier({7: (new, old)}), sink, clock=FakeClock())
+    for i, key in enumerate((old, new, old)):
+        datagram = data_frame(7, 10 * i, key=key, version=2)
+        ack = r.datagram(datagram)
+        assert uplink.decode_ack(ack, frame.Signer(key)).echo == datagram[-4:]
+    assert r.counters["frames_accepted"] == 3
+    assert r.datagram(data_frame(7, 50, key=WRONG, version=2)) is None
+    assert r.counters["rejected_tag"] == 1
+    sink.close()
+
+
+def test_sqlite_schema_1_file_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE readings(node_id INTEGER, ts REAL, quantity TEXT, value REAL, "
+            "PRIMARY KEY(node_id, ts, quantity))"
+        )
+        db.execute("INSERT INTO readings VALUES (7, 1.5, 'temperature_c', 21.0)")
+    sink = SqliteSink(path)
+    assert sink.upgraded == 1
+    assert sink.write([(7, None, 1.5, "temperature_c", 21.0)]) == 0  # v1 rule still applies
+    assert sink.write([(7, 3, 1.5, "temperature_c", 21.0)]) == 1
+    sink.close()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT * FROM readings ORDER BY reading_index").fetchall()
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+    assert rows == [(7, None, 1.5, "temperature_c", 21.0), (7, 3, 1.5, "temperature_c", 21.0)]
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "CREATE TABLE windows(node_id INTEGER, other TEXT)",
+        "CREATE TABLE windows (node_id INTEGER PRIMARY KEY, key_id TEXT NOT NULL,"
+        " highest INTEGER NOT NULL, bitmap TEXT NOT NULL);"
+        "INSERT INTO windows VALUES (7, 'x', 5, 'zz');"
+        "INSERT INTO windows VALUES (8, 'x', -5, 'ff')",
+    ],
+    ids=["other_columns", "bad_rows"],
+)
+def test_replay_state_with_bad_contents_is_a_clear_error_or_skipped(tmp_path, setup):
+    from host_tools.receiver import StateError
+
+    path = tmp_path / "keys.json.replay"
+    with sqlite3.connect(path) as db:
+        db.executescript(setup)
+    if "other" in setup:
+        with pytest.raises(StateError, match="table windows has columns"):
+            ReplayStore(path)
+        return
+    store = ReplayStore(path)
+    assert store.load() == {}
+    assert store.bad_rows == 2
+    Verifier(KEYS, store=store)  # no traceback
+    store.close()
+
+
 # --- sinks ------------------------------------------------------------------------------
 
 
@@ -354,21 +522,25 @@ def test_sqlite_schema_and_insert_or_ignore(sink, db_path):
     with sqlite3.connect(db_path) as db:
         (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'readings'").fetchone()
         info = db.execute("PRAGMA table_info(readings)").fetchall()
-    assert "ts REAL /* unix seconds, UTC */" in sql
-    assert [(c[1], c[2], c[5]) for c in info] == [
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+    assert "ts REAL NOT NULL /* unix seconds, UTC */" in sql
+    assert [(c[1], c[2], c[3]) for c in info] == [
         ("node_id", "INTEGER", 1),
-        ("ts", "REAL", 2),
-        ("quantity", "TEXT", 3),
-        ("value", "REAL", 0),
+        ("reading_index", "INTEGER", 0),
+        ("ts", "REAL", 1),
+        ("quantity", "TEXT", 1),
+        ("value", "REAL", 1),
     ]
+    assert version == 2
 
 
 def test_sqlite_reopen_keeps_rows(db_path):
     s = SqliteSink(db_path)
-    s.write([(7, 1.5, "temperature_c", 21.0)])
+    s.write([(7, None, 1.5, "temperature_c", 21.0)])
     s.close()
     s = SqliteSink(db_path)
-    assert s.write([(7, 1.5, "temperature_c", 99.0), (7, 2.5, "temperature_c", 22.0)]) == 1
+    rows = [(7, None, 1.5, "temperature_c", 99.0), (7, None, 2.5, "temperature_c", 22.0)]
+    assert s.write(rows) == 1
     s.close()
     assert stored(db_path) == [(7, 1.5, "temperature_c", 21.0), (7, 2.5, "temperature_c", 22.0)]
 
@@ -383,29 +555,36 @@ def test_sqlite_rejects_foreign_table(tmp_path):
 
 def test_sqlite_failed_write_rolls_back(sink, db_path):
     with pytest.raises(sqlite3.Error):
-        sink.write([(7, 1.0, "temperature_c", 1.0), (7, 2.0)])  # second row malformed
+        sink.write([(7, 5, 1.0, "temperature_c", 1.0), (7, 6, 2.0, "x", object())])  # unbindable
     assert stored(db_path) == []
-    assert sink.write([(7, 1.0, "temperature_c", 1.0)]) == 1  # no transaction left open
+    assert sink.write([(7, 5, 1.0, "temperature_c", 1.0)]) == 1  # no transaction left open
 
 
 def test_jsonl_sink(tmp_path):
     stream = io.StringIO()
-    assert JsonlSink(stream).write([(7, 1.5, "temperature_c", 21.0)]) == 1
+    assert JsonlSink(stream).write([(7, 40, 1.5, "temperature_c", 21.0)]) == 1
     assert json.loads(stream.getvalue()) == {
+        "id": "7/40/temperature_c",
         "node_id": 7,
+        "reading_index": 40,
         "ts": 1.5,
+        "time": "1970-01-01T00:00:01.500Z",
         "quantity": "temperature_c",
         "value": 21.0,
     }
     with open(tmp_path / "out.jsonl", "a", encoding="utf-8") as f:
-        JsonlSink(f).write([(7, 1.5, "temperature_c", 21.0)] * 2)  # a file: fsynced
+        sink = JsonlSink(f)  # a file: fsynced, with a ledger beside it
+        rows = [(7, 40, 1.5, "temperature_c", 21.0), (7, 41, 2.5, "temperature_c", 21.0)]
+        assert sink.write(rows + rows) == 2
+        assert sink.write([(7, 40, 9.5, "temperature_c", 21.0)]) == 0  # a copy
+        sink.close()
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
 
 
 def test_tee_sink(sink, db_path):
     stream = io.StringIO()
     tee = TeeSink([sink, JsonlSink(stream)])
-    assert tee.write([(7, 1.5, "temperature_c", 21.0)]) == 1
+    assert tee.write([(7, 3, 1.5, "temperature_c", 21.0)]) == 1
     assert len(stored(db_path)) == 1
     assert len(stream.getvalue().splitlines()) == 1
 
@@ -468,7 +647,7 @@ def test_udp_loop_survives_an_internal_error(client):
             self.counters = collections.Counter()
             self.calls = 0
 
-        def datagram(self, data):
+        def datagram(self, data, rx_time=None):
             self.calls += 1
             if self.calls == 1:
                 raise RuntimeError("bug")
@@ -540,3 +719,46 @@ def test_a_replay_state_that_cannot_be_saved_still_acks_durable_readings(caplog)
     assert "replay state /nowhere/replay.db not saved: disk I/O error" in caplog.text
     with pytest.raises(Rejected):  # still known in memory
         rx.verifier.check(data_frame(seq=5))
+
+
+# --- intake and sources -----------------------------------------------------------------
+
+
+def test_intake_is_bounded_in_bytes_as_well_as_datagrams():
+    from host_tools.receiver import Intake
+
+    intake = Intake(maxsize=100, max_bytes=1000)
+    assert all(intake.put(b"x" * 200, None, 1.0) for _ in range(5))
+    assert intake.put(b"x", None, 1.0) is False  # 1000 bytes queued: full
+    batch = intake.get_batch(0.1, 2)
+    assert [len(d) for d, _, _ in batch] == [200, 200] and intake.bytes == 600
+    assert intake.put(b"y" * 400, None, 2.0) is True
+    assert intake.put(b"y", None, 2.0) is False
+    small = Intake(maxsize=2, max_bytes=10**6)
+    assert small.put(b"a", None) and small.put(b"b", None) and not small.put(b"c", None)
+
+
+def test_udp_source_stamps_the_read_time_and_drops_oversize_datagrams():
+    from host_tools.receiver import MAX_DATAGRAM, Intake, UdpSource
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    source = UdpSource(sock, poll_s=0.05)
+    intake = Intake()
+    source.start(intake)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            before = time.time()
+            client.sendto(b"z" * 60000, sock.getsockname())
+            client.sendto(b"z" * (MAX_DATAGRAM + 1), sock.getsockname())
+            client.sendto(b"f" * MAX_DATAGRAM, sock.getsockname())
+            deadline = time.monotonic() + 5
+            batch = []
+            while not batch and time.monotonic() < deadline:
+                batch = intake.get_batch(0.1, 10)
+            after = time.time()
+    finally:
+        source.stop()
+    assert [len(d) for d, _, _ in batch] == [MAX_DATAGRAM]
+    assert before <= batch[0][2] <= after  # the time it was read, given to the receiver
+    assert source.counters["oversize"] == 2

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -24,10 +25,10 @@ from protocols import frame, uplink
 
 KEY7 = bytes(range(16))
 ROWS = [
-    (17, 1_700_000_000.25, "temperature_c", 21.5),
-    (17, 1_700_000_000.25, "humidity_pct", 45.0),
-    (17, 1_700_000_000.25, "pressure_hpa", 1013.25),
-    (17, 1_700_000_000.25, "channel_99", 7.0),
+    (17, 40312, 1_700_000_000.25, "temperature_c", 21.5),
+    (17, 40312, 1_700_000_000.25, "humidity_pct", 45.0),
+    (17, 40312, 1_700_000_000.25, "pressure_hpa", 1013.25),
+    (17, 40312, 1_700_000_000.25, "channel_99", 7.0),
 ]
 
 
@@ -221,10 +222,18 @@ def test_sink_publishes_readings_and_discovery(broker):
     messages = sub.snapshot()
     readings = [(t, json.loads(p), r) for t, p, r in messages if t.startswith("citynode/")]
     assert [(t, p) for t, p, _ in readings] == [
-        ("citynode/17/%s" % row[2], reading_json(row)) for row in ROWS + ROWS[:1]
+        ("citynode/17/%s" % row[3], reading_json(row)) for row in ROWS + ROWS[:1]
+    ]
+    # each reading with its id: node/reading index/quantity
+    assert [p["id"] for _, p, _ in readings] == [
+        "17/40312/temperature_c",
+        "17/40312/humidity_pct",
+        "17/40312/pressure_hpa",
+        "17/40312/channel_99",
+        "17/40312/temperature_c",
     ]
     configs = {t: json.loads(p) for t, p, _ in messages if t.startswith("homeassistant/")}
-    assert set(configs) == {"homeassistant/sensor/citynode_17_%s/config" % row[2] for row in ROWS}
+    assert set(configs) == {"homeassistant/sensor/citynode_17_%s/config" % row[3] for row in ROWS}
     for topic, config in configs.items():
         node, quantity = 17, topic.split("/")[2][len("citynode_17_") :]
         assert config == ha_discovery(node, quantity)[1]
@@ -265,7 +274,7 @@ def test_sink_broker_killed_mid_batch_fails_then_recovers(broker):
     sink = MqttSink(broker.url, timeout=3)
     sink.deliver(ROWS)
     broker.stop(signal.SIGKILL)
-    rows = [(5, float(i), "temperature_c", 1.0) for i in range(500)]
+    rows = [(5, i, float(i), "temperature_c", 1.0) for i in range(500)]
     with pytest.raises(DeliveryError) as info:
         sink.deliver(rows)
     assert info.value.reason in ("connect", "connection", "timeout")
@@ -304,9 +313,9 @@ def test_forwarder_through_a_broker_restart_delivers_every_reading(broker, tmp_p
     expected = set()
 
     def spool_some(n, t0):
-        rows = [(9, t0 + i, "temperature_c", float(i)) for i in range(n)]
+        rows = [(9, t0 + i, 1_700_000_000.0 + t0 + i, "temperature_c", float(i)) for i in range(n)]
         spool.write(rows)
-        expected.update(reading_id(*r[:3]) for r in rows)
+        expected.update(reading_id(*r[:4]) for r in rows)
 
     def got():
         return {r["id"] for r in sub.readings()}
@@ -326,6 +335,36 @@ def test_forwarder_through_a_broker_restart_delivers_every_reading(broker, tmp_p
         sub.close()
         spool.close()
     assert got() == expected
+
+
+def test_readings_spooled_twice_are_published_once(broker, tmp_path):
+    """The same readings reach the spool again (a frame re-sent after a lost ack, heard by a
+    second gateway), before and after the first copy was published and pruned: each is
+    published once, with its id."""
+    sub = Subscriber(broker, ["citynode/#"])
+    spool = Spool(tmp_path / "spool.db")
+    sink = MqttSink(broker.url, timeout=5)
+    f = Forwarder(spool, sink, batch=50, poll_s=0.05)
+    first = [(9, i, 1_700_000_000.0 + i, "temperature_c", float(i)) for i in range(100)]
+    more = [(9, i, 1_700_000_500.0 + i, "temperature_c", -1.0) for i in range(90, 120)]
+    f.start()
+    try:
+        assert spool.write(first) == 100
+        assert spool.write(first[:50]) == 0  # a copy before it was published
+        wait_until(lambda: len(sub.readings()) == 100, what="the first readings")
+        wait_until(lambda: spool.backlog(sink.name) == 0)
+        assert spool.write(first) == 0  # published and pruned: still a copy
+        assert spool.write(more) == 20  # 90..99 are copies (their first timestamp stands)
+        wait_until(lambda: len(sub.readings()) == 120, what="the new readings")
+        time.sleep(0.3)
+    finally:
+        assert f.stop(5)
+        sink.close()
+        sub.close()
+        spool.close()
+    got = sub.readings()
+    assert [r["id"] for r in got] == ["9/%d/temperature_c" % i for i in range(120)]
+    assert [r["value"] for r in got[90:100]] == [float(i) for i in range(90, 100)]
 
 
 # --- the source ---------------------------------------------------------------------------
@@ -351,7 +390,7 @@ def test_source_frames_in_acks_out(broker, tmp_path):
         gateway.client.publish("gw/a/up", good, qos=1)
         gateway.client.publish("gw/b/up", good, qos=1)  # heard by two gateways
         gateway.client.publish("gw/a/up", b"\x11junk", qos=1)
-        wait_until(lambda: receiver.counters["rejected_duplicate"] == 1, what="duplicate")
+        wait_until(lambda: receiver.counters["frames_heard_again"] == 1, what="the copy")
         wait_until(lambda: sum(1 for t, _, _ in gateway.snapshot() if t.endswith("/ack")) == 1)
         time.sleep(0.2)
     finally:
@@ -360,6 +399,8 @@ def test_source_frames_in_acks_out(broker, tmp_path):
         source.stop()
         gateway.close()
         sink.close()
+    # the very frame heard by the second gateway is not acked again (two acks would collide
+    # on the air); a node's re-sent frame is re-encoded, a copy with bytes of its own
     acks = [(t, p) for t, p, _ in gateway.snapshot() if t.endswith("/ack")]
     assert len(acks) == 1
     assert acks[0][0] in ("gw/a/up/ack", "gw/b/up/ack")
@@ -367,4 +408,8 @@ def test_source_frames_in_acks_out(broker, tmp_path):
     assert receiver.counters["frames_accepted"] == 1
     assert receiver.counters["acks_sent"] == 1
     assert source.counters["mqtt_messages"] == 3  # its own ack was not taken for a frame
-    assert sum(v for k, v in receiver.counters.items() if k.startswith("rejected_")) == 2
+    assert sum(v for k, v in receiver.counters.items() if k.startswith("rejected_")) == 1
+    with sqlite3.connect(tmp_path / "r.db") as db:  # stored once
+        assert (
+            db.execute("SELECT node_id, reading_index FROM readings").fetchall() == [(7, 11)] * 3
+        )

@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import math
 import sys
 import time
 
@@ -14,8 +15,29 @@ HELP = "decode hex frames to JSON readings"
 
 
 def _iso_utc(ts):
-    dt = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
+    """Unix seconds -> "2023-11-14T22:13:20.000Z". ValueError if no date (years 1..9999) has
+    that time: datetime raises OverflowError, ValueError or OSError, by platform and value."""
+    try:
+        dt = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        raise ValueError("not a date in years 1..9999") from None
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _rx_time(text):
+    """--rx-time: finite unix seconds whose date a datetime can hold. Parsed here rather than
+    by argparse so that every bad value is one `citynode: --rx-time: ...` line."""
+    try:
+        ts = float(text)
+    except ValueError:
+        raise CliError("--rx-time: expected unix seconds, got %r" % text) from None
+    if not math.isfinite(ts):
+        raise CliError("--rx-time: expected a finite number of unix seconds, got %r" % text)
+    try:
+        _iso_utc(ts)
+    except ValueError as e:
+        raise CliError("--rx-time: %s is %s" % (text, e)) from None
+    return ts
 
 
 def add_arguments(p):
@@ -33,7 +55,6 @@ def add_arguments(p):
     )
     p.add_argument(
         "--rx-time",
-        type=float,
         metavar="UNIX",
         help="when the frames were received, unix seconds UTC (default: now); "
         "a reading's ts = rx-time - age",
@@ -90,18 +111,33 @@ class _FrameDecoder:
 
     def _objects(self, decoded):
         if isinstance(decoded, uplink.DataFrame):
-            return [
-                {
-                    "node_id": decoded.node_id,
-                    "seq": decoded.seq,
-                    "quantity": name,
-                    "value": value,
-                    "age_s": age,
-                    "ts": ts,
-                    "time": _iso_utc(ts),
-                }
-                for age, ts, name, value in iter_readings(decoded, self.rx_time)
-            ]
+            objects = []
+            per_reading = len(decoded.channels)
+            for k, (age, ts, name, value) in enumerate(iter_readings(decoded, self.rx_time)):
+                try:
+                    time_text = _iso_utc(ts)
+                except ValueError as e:  # an --rx-time near year 1 or 9999
+                    raise CliError(
+                        "node %d: a reading %d s old: --rx-time minus its age, %r, is %s"
+                        % (decoded.node_id, age, ts, e)
+                    ) from None
+                # v1: the frame's seq; v2: the reading's index (its identity, with node_id)
+                if decoded.index is None:
+                    ident = ("seq", decoded.seq)
+                else:
+                    ident = ("reading_index", decoded.index + k // per_reading)
+                objects.append(
+                    {
+                        "node_id": decoded.node_id,
+                        ident[0]: ident[1],
+                        "quantity": name,
+                        "value": value,
+                        "age_s": age,
+                        "ts": ts,
+                        "time": time_text,
+                    }
+                )
+            return objects
         if isinstance(decoded, uplink.Ack):
             return [
                 {
@@ -110,6 +146,7 @@ class _FrameDecoder:
                     "host_time": decoded.host_time,
                     "time": _iso_utc(decoded.host_time),
                     "acked": [list(r) for r in decoded.acked],
+                    **({} if decoded.echo is None else {"echo": decoded.echo.hex()}),
                 }
             ]
         fields = {
@@ -121,8 +158,9 @@ class _FrameDecoder:
 
 
 def run(args):
-    keys, default_key = load_keys_or_single(args.keys)
-    rx_time = args.rx_time if args.rx_time is not None else time.time()
+    rx_time = _rx_time(args.rx_time) if args.rx_time is not None else time.time()
+    # a key file must be private to its owner (README), as `receive` and `monitor` require
+    keys, default_key = load_keys_or_single(args.keys, private=True)
     decoder = _FrameDecoder(keys, default_key, args.keys, rx_time)
     if args.frames:
         numbered = [(n, text, "") for n, text in enumerate(args.frames, 1)]

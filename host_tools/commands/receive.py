@@ -18,7 +18,7 @@ import threading
 import time
 
 from host_tools.commands import CliError
-from host_tools.keys import load_keys
+from host_tools.keys import KeyFileError, load_accepted_keys
 from host_tools.receiver import Intake, Receiver, UdpSource, Verifier, counters_line, serve
 from host_tools.sinks import (
     InfluxFileSink,
@@ -62,6 +62,15 @@ def add_arguments(p):
         metavar="URL",
         help="MQTT topic carrying raw frames from gateways, mqtt://HOST[:PORT]/TOPIC "
         "(wildcards allowed); acks go to <topic>/ack; repeatable",
+    )
+    src.add_argument(
+        "--mqtt-up",
+        action="append",
+        metavar="URL",
+        help="MQTT v5 broker that nodes publish their frames to (citynode/up/<node id>, acks on "
+        "citynode/down/<node id>), mqtt://HOST[:PORT][/GROUP]: the receivers given the same "
+        "GROUP (default citynode) share one subscription, each frame going to one of them; "
+        "repeatable (one per broker)",
     )
     src.add_argument(
         "--serial",
@@ -211,15 +220,24 @@ def _local_sinks(args, spool):
 
 
 def _sources(args):
-    from host_tools.mqtt import MqttSource
+    from host_tools.mqtt import MqttSource, MqttUplinkSource
 
     sources = []
     try:
-        udp = args.udp or ([] if (args.mqtt_in or args.serial) else [DEFAULT_UDP])
+        udp = args.udp or ([] if (args.mqtt_in or args.mqtt_up or args.serial) else [DEFAULT_UDP])
         for text in udp:
             sources.append(UdpSource(_bind_udp(text)))
         for url in args.mqtt_in or []:
             sources.append(MqttSource(url))
+        uplinks = [MqttUplinkSource(url) for url in args.mqtt_up or []]
+        for i, source in enumerate(uplinks):
+            # a second member of one group in one process would only halve each one's share
+            if any(source.name == other.name for other in uplinks[:i]):
+                raise CliError(
+                    "--mqtt-up %s: broker %s and group %s are given twice"
+                    % (args.mqtt_up[i], source.url.address, source.group)
+                )
+        sources.extend(uplinks)
         if args.serial:  # one source for every line, so that copies can be merged
             from host_tools.gateway_serial import SerialGatewaySource
 
@@ -334,7 +352,9 @@ def run(args):
         return show_status(args.status_file)
     if not args.keys:
         raise CliError("--keys FILE is required to receive")
-    keys = load_keys(args.keys)
+    # Every key a frame may be signed with: the current one, and during a rotation's grace
+    # period the previous one. A key file others can read is refused (README "Keys").
+    keys = load_accepted_keys(args.keys, private=True)
     if not keys:
         raise CliError("%s: no nodes, so every frame would be rejected" % args.keys)
     if args.retry_max <= 0:
@@ -378,26 +398,107 @@ def run(args):
     store = None
     state = args.replay_state or args.keys + ".replay"
     if state != "none":
-        from host_tools.receiver import ReplayStore
+        from host_tools.receiver import ReplayStore, StateError
 
         try:
             store = ReplayStore(state)
+        except StateError as e:
+            for source in sources:
+                source.stop()
+            sink.close()
+            raise CliError("--replay-state %s" % e) from None
         except (sqlite3.Error, OSError) as e:
             for source in sources:
                 source.stop()
             sink.close()
             raise CliError("--replay-state %s: %s" % (state, e)) from None
+    if store is not None and store.bad_rows:
+        log.warning(
+            "replay state %s: %d rows could not be read and were skipped (copies of v2 readings "
+            "are still dropped by the sinks)",
+            state,
+            store.bad_rows,
+        )
     receiver = Receiver(Verifier(keys, store=store), sink)
     status = Status(receiver, sources, spool, forwarders, args.status_file, len(keys))
-    return _serve(receiver, sources, forwarders, sink, status)
+    reloader = KeyReloader(args.keys, receiver.verifier)
+    return _serve(receiver, sources, forwarders, sink, status, reloader)
 
 
-def _serve(receiver, sources, forwarders, sink, status):
+class KeyReloader:
+    """Keeps the verifier's keys in step with the key file: reloaded when the file changes
+    (checked every CHECK_S), on SIGHUP, and every REFRESH_S (a rotation's grace period ends
+    without the file changing). A file that cannot be read is logged; the keys in use stay."""
+
+    CHECK_S = 2.0
+    REFRESH_S = 60.0
+
+    def __init__(self, path, verifier, clock=time.monotonic):
+        self.path = path
+        self.verifier = verifier
+        self.clock = clock
+        self.requested = False
+        self._stamp = self._file_stamp()
+        self._next_check = clock() + self.CHECK_S
+        self._next_refresh = clock() + self.REFRESH_S
+
+    def _file_stamp(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def poll(self):
+        now = self.clock()
+        if not self.requested and now < self._next_check:
+            return
+        self._next_check = now + self.CHECK_S
+        stamp = self._file_stamp()
+        changed = stamp != self._stamp
+        if not (self.requested or changed or now >= self._next_refresh):
+            return
+        why = "SIGHUP" if self.requested else ("changed" if changed else None)
+        self.requested = False
+        self._next_refresh = now + self.REFRESH_S
+        self._stamp = stamp
+        try:
+            keys = load_accepted_keys(self.path, private=True)
+        except KeyFileError as e:
+            log.error(
+                "keys not reloaded, the %d node(s) loaded before stay: %s",
+                len(self.verifier.keys),
+                e,
+            )
+            return
+        before = self.verifier.keys
+        self.verifier.set_keys(keys)
+        if why is not None or keys != before:
+            added = sorted(set(keys) - set(before))
+            removed = sorted(set(before) - set(keys))
+            log.info(
+                "keys reloaded from %s (%s): %d node(s)%s%s",
+                self.path,
+                why or "grace period ended",
+                len(keys),
+                " added %s" % _ids(added) if added else "",
+                " removed %s" % _ids(removed) if removed else "",
+            )
+
+
+def _ids(ids):
+    text = ",".join(str(i) for i in ids[:10])
+    return text + (" and %d more" % (len(ids) - 10) if len(ids) > 10 else "")
+
+
+def _serve(receiver, sources, forwarders, sink, status, reloader=None):
     stop = threading.Event()
     intake = Intake()
     clock = {"report": False, "log": time.monotonic() + REPORT_EVERY_S, "file": 0.0}
 
     def on_poll():
+        if reloader is not None:
+            reloader.poll()
         now = time.monotonic()
         if clock["report"] or now >= clock["log"]:
             clock["report"] = False
@@ -414,12 +515,17 @@ def _serve(receiver, sources, forwarders, sink, status):
     def on_usr1(signum, _frame):
         clock["report"] = True  # logged from the loop, not from inside the signal handler
 
+    def on_hup(signum, _frame):
+        if reloader is not None:
+            reloader.requested = True  # reloaded from the loop
+
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum, handler in [
             (signal.SIGINT, on_stop),
             (signal.SIGTERM, on_stop),
             (getattr(signal, "SIGUSR1", None), on_usr1),
+            (getattr(signal, "SIGHUP", None), on_hup),
         ]:
             if signum is not None:
                 previous[signum] = signal.signal(signum, handler)
@@ -436,6 +542,7 @@ def _serve(receiver, sources, forwarders, sink, status):
             signal.signal(signum, handler)
         for source in sources:
             source.stop()
+        receiver.folded.flush(final=True)
         for f in forwarders:
             if not f.stop(STOP_WAIT_S):
                 log.warning("%s: still delivering after %.0f s; left running", f.name, STOP_WAIT_S)
