@@ -29,10 +29,12 @@ BOOT = "from firmware import main; main.run()"
 # The node's MicroPython heap. 80 KB on this 64-bit unix port, where pointers and object
 # headers are twice a 32-bit board's: less than an ESP32's ~100 KB free heap holds (FIELD.md);
 # it leaves room for the littlefs buffers of a real filesystem (bench/RESULTS.md).
-# NODE_MIN_HEAP: issue 3's target, which bench/node_cycle.py checks: 10 000 cycles without
-# heap growth (62K is too small). tests/test_node.py runs them with 2 KB of margin.
+# NODE_MIN_HEAP: the smallest heap bench/node_cycle.py runs 10 000 cycles in without heap
+# growth. Issue 3's target was 64K and was met with format v1; format v2 (the ack's echoed tag,
+# the journal's reserve of reading indices) costs about 500 bytes and 64K no longer holds
+# (bench/RESULTS.md "Node heap"). tests/test_node.py runs them with 2 KB of margin.
 NODE_HEAP = "80K"
-NODE_MIN_HEAP = "64K"
+NODE_MIN_HEAP = "66K"
 LORA_NODE_HEAP = "96K"  # + the airtime governor and the radio (micropython-lib's on a board)
 ACK_FREQ_KHZ = 869525  # acks in the 10 % sub-band (FIELD.md), where the nodes listen for them
 RESET_EXIT = 3  # boards/sim.py: the node asked for a reset (crash, watchdog, machine.reset)
