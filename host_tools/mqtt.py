@@ -521,11 +521,17 @@ class MqttUplinkSource:
                 self._refused = False
             else:
                 counters["mqtt_up_disconnected"] += 1
+                if flags.is_disconnect_packet_from_server:
+                    why = "the broker sent DISCONNECT (%s)" % _reason_text(reason_code)
+                elif reason_code.value == 128:  # paho's "unspecified": the socket closed
+                    why = "closed without a DISCONNECT (the broker stopped, or the network)"
+                else:
+                    why = _reason_text(reason_code)  # e.g. paho's keep-alive timeout
                 self._enter(
                     "down",
                     logging.WARNING,
-                    "connection lost (%s); reconnecting with back-off (at most %g s apart)",
-                    _reason_text(reason_code),
+                    "connection lost: %s; reconnecting with back-off (at most %g s apart)",
+                    why,
                     self.backoff[1],
                 )
             self._back_off(client)

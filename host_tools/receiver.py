@@ -455,7 +455,7 @@ class Receiver:
         if accepted:
             try:
                 self.verifier.save()
-            except (sqlite3.Error, OSError) as e:
+            except (sqlite3.Error, OSError, StateError) as e:
                 # The readings are durable, so the acks go out; after a restart this batch's
                 # seqs would not be known as seen (v2 readings are deduped by identity).
                 counters["replay_state_error"] += 1

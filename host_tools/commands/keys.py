@@ -114,6 +114,15 @@ def add_arguments(p):
     q.add_argument("node_id", type=node_id_arg, metavar="N", help="node id")
     q.add_argument("--json", action="store_true", help='print {"node_id": N, "key": "<hex>"}')
 
+    q = action(
+        "push",
+        "copy the registry into PostgreSQL, for receivers started with --keys postgresql://...",
+        "Make the node keys in a PostgreSQL database exactly the registry's (nodes not in the "
+        "file are removed there): several `citynode receive --keys postgresql://...` then share "
+        "them, rotations and revocations included; they read them again within 10 s.",
+    )
+    q.add_argument("url", metavar="URL", help="postgresql://USER@HOST[:PORT]/DB")
+
 
 def run(args, now=None):
     path = args.keys or default_keys_path()
@@ -124,6 +133,7 @@ def run(args, now=None):
         "rotate": _rotate,
         "revoke": _revoke,
         "export": _export,
+        "push": _push,
     }[args.keys_command]
     return handler(args, path, now)
 
@@ -154,6 +164,29 @@ def _add(args, path, now):
             added.append(entry)
         registry_file.save_registry(path, registry, now=now)
     _report(args, added, now, "added")
+    return 0
+
+
+def _push(args, path, now):
+    from host_tools.pg import PgKeyStore
+    from host_tools.sinks import SinkError
+
+    if not args.url.startswith(("postgresql://", "postgres://")):
+        raise CliError("push: expected a postgresql:// URL, got %r" % args.url)
+    registry = _load(path)
+    try:
+        store = PgKeyStore(args.url)
+        try:
+            added, changed, removed = store.import_registry(registry)
+        finally:
+            store.close()
+    except (SinkError, registry_file.KeyFileError) as e:
+        raise CliError(str(e)) from None
+    print(
+        "%s: %d node(s) pushed: %d added, %d changed, %d removed"
+        % (path, len(registry.nodes), added, changed, removed),
+        file=sys.stderr,
+    )
     return 0
 
 

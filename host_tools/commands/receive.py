@@ -42,11 +42,17 @@ log = logging.getLogger("citynode")
 
 
 def add_arguments(p):
-    p.add_argument("--keys", metavar="FILE", help="JSON key file (required to receive)")
+    p.add_argument(
+        "--keys",
+        metavar="FILE|URL",
+        help="JSON key file, or postgresql://... where `citynode keys push` put it (shared by "
+        "every receiver); required to receive",
+    )
     p.add_argument(
         "--replay-state",
         metavar="PATH",
-        help="SQLite file keeping each node's replay window across restarts (default: the key "
+        help="SQLite file (or postgresql://...) keeping each node's replay window for v1 and "
+        "STATUS frames across restarts (default: the --db database if PostgreSQL, else the key "
         "file's path + .replay; 'none': in memory only)",
     )
     src = p.add_argument_group("sources (several at once; default --udp %s)" % DEFAULT_UDP)
@@ -81,7 +87,12 @@ def add_arguments(p):
     )
     src.add_argument("--serial-baud", type=int, default=115200, metavar="BAUD")
     out = p.add_argument_group("sinks (default: --db %s when no other sink is given)" % DEFAULT_DB)
-    out.add_argument("--db", metavar="PATH", help="SQLite file, table readings")
+    out.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        help="SQLite file, or postgresql://USER@HOST/DB (several receivers on one database); "
+        "table readings",
+    )
     out.add_argument("--jsonl", metavar="-|FILE", help="append JSON lines here")
     out.add_argument(
         "--influx",
@@ -194,13 +205,35 @@ def _remote_sinks(args):
     return sinks
 
 
+def _is_pg(text):
+    return text.startswith(("postgresql://", "postgres://"))
+
+
+def _load_keys(source):
+    """Every key a frame may be signed with, per node: from a key file (refused unless 0600)
+    or from PostgreSQL (`citynode keys push URL` puts a key file there)."""
+    if _is_pg(source):
+        from host_tools.pg import PgKeyStore
+
+        store = PgKeyStore(source)
+        try:
+            return store.load_accepted()
+        finally:
+            store.close()
+    return load_accepted_keys(source, private=True)
+
+
 def _local_sinks(args, spool):
     """The sinks written before the ack, spool first (the likeliest to be full: if it fails,
     nothing of the batch is written anywhere)."""
     sinks = [spool] if spool is not None else []
     remote = args.webhook or args.mqtt_out or (args.influx or "").startswith("http")
     try:
-        if args.db or not (args.jsonl or args.influx or remote):
+        if args.db and _is_pg(args.db):
+            from host_tools.pg import PostgresSink
+
+            sinks.append(PostgresSink(args.db))
+        elif args.db or not (args.jsonl or args.influx or remote):
             sinks.append(SqliteSink(args.db or DEFAULT_DB))
         if args.jsonl == "-":
             sinks.append(JsonlSink(sys.stdout))
@@ -354,7 +387,7 @@ def run(args):
         raise CliError("--keys FILE is required to receive")
     # Every key a frame may be signed with: the current one, and during a rotation's grace
     # period the previous one. A key file others can read is refused (README "Keys").
-    keys = load_accepted_keys(args.keys, private=True)
+    keys = _load_keys(args.keys)
     if not keys:
         raise CliError("%s: no nodes, so every frame would be rejected" % args.keys)
     if args.retry_max <= 0:
@@ -396,13 +429,26 @@ def run(args):
         sink.close()
         raise SinkError("spool %s: %s" % (spool.path, e)) from None
     store = None
-    state = args.replay_state or args.keys + ".replay"
+    # Beside the readings in PostgreSQL (shared by every receiver), else beside the key file.
+    if args.replay_state:
+        state = args.replay_state
+    elif args.db and _is_pg(args.db):
+        state = args.db
+    elif _is_pg(args.keys):
+        state = "none"  # no file to put it beside: give --replay-state
+    else:
+        state = args.keys + ".replay"
     if state != "none":
         from host_tools.receiver import ReplayStore, StateError
 
         try:
-            store = ReplayStore(state)
-        except StateError as e:
+            if _is_pg(state):
+                from host_tools.pg import PgReplayStore
+
+                store = PgReplayStore(state)
+            else:
+                store = ReplayStore(state)
+        except (StateError, SinkError) as e:
             for source in sources:
                 source.stop()
             sink.close()
@@ -440,9 +486,13 @@ class KeyReloader:
         self.requested = False
         self._stamp = self._file_stamp()
         self._next_check = clock() + self.CHECK_S
-        self._next_refresh = clock() + self.REFRESH_S
+        # keys in PostgreSQL have no file to watch: read again every CHECK_S * 5
+        self._refresh_s = self.CHECK_S * 5 if _is_pg(path) else self.REFRESH_S
+        self._next_refresh = clock() + self._refresh_s
 
     def _file_stamp(self):
+        if _is_pg(self.path):
+            return None
         try:
             st = os.stat(self.path)
         except OSError:
@@ -460,11 +510,11 @@ class KeyReloader:
             return
         why = "SIGHUP" if self.requested else ("changed" if changed else None)
         self.requested = False
-        self._next_refresh = now + self.REFRESH_S
+        self._next_refresh = now + self._refresh_s
         self._stamp = stamp
         try:
-            keys = load_accepted_keys(self.path, private=True)
-        except KeyFileError as e:
+            keys = _load_keys(self.path)
+        except (KeyFileError, SinkError) as e:
             log.error(
                 "keys not reloaded, the %d node(s) loaded before stay: %s",
                 len(self.verifier.keys),
