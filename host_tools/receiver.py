@@ -372,12 +372,14 @@ class Receiver:
 
     def handle(self, batch):
         """Handle a batch of (datagram, rx_time or None); return the acks (bytes or None), in
-        the batch's order. rx_time is when the source read the datagram (None: now). A copy of
-        a frame already in the batch (two gateways) gets the same ack as the first, and is
-        counted as a copy; if the sink write fails no frame of the batch is acked."""
+        the batch's order. rx_time is when the source read the datagram (None: now). The very
+        bytes of a frame accepted in the last HEARD_AGAIN_S (a second gateway) are counted and
+        not acked; a re-sent copy of a recent frame is counted (frames_copies) and goes through
+        the sinks like any frame (they store nothing twice, and keep a reading whose identity
+        is stored with another value apart). If the sink write fails no frame is acked."""
         acks = [None] * len(batch)
         accepted = []  # (index, frame, rx_time, signer, tag)
-        copies = []  # (index, frame, signer, tag): already stored
+        copies = set()  # indices in batch of re-sent copies of recent frames
         rows = []
         in_batch = {}
         counters = self.counters
@@ -411,9 +413,9 @@ class Receiver:
                     # Its ack is on its way (two would collide on the air): counted, quiet.
                     counters["frames_heard_again"] += 1
                     continue
-                copies.append((i, received, signer, tag))  # re-sent: acked again
-                continue
-            in_batch[key] = tag
+                copies.add(i)  # re-sent: to the sinks again (they drop it), acked again
+            else:
+                in_batch[key] = tag
             if self._failed_rx:
                 rx_time = self._failed_rx.pop(key, rx_time)
             if rx_time is None:
@@ -423,8 +425,12 @@ class Receiver:
             accepted.append((i, received, rx_time, signer, tag))
         new = None
         if rows:
+            conflicts = getattr(self.sink, "conflicts", 0)
             try:
                 new = self.sink.write(rows)
+                conflicts = getattr(self.sink, "conflicts", 0) - conflicts
+                if conflicts:
+                    self._conflicts(conflicts, rows)
             except Exception as e:  # any sink failure: not durable, so no ack; the node retries
                 failed = [a for a in accepted if _is_data(a[1])]
                 self._sink_failed([f for _, f, _, _, _ in failed], e)
@@ -434,10 +440,10 @@ class Receiver:
                 while len(self._failed_rx) > self.RETRY_MEMORY:
                     self._failed_rx.popitem(last=False)
                 accepted = [a for a in accepted if not _is_data(a[1])]
-                copies = [c for c in copies if c[1].seq is not None]
-        now = None
         for i, received, rx_time, signer, tag in accepted:
-            if _is_data(received):
+            if i in copies:
+                counters["frames_copies"] += 1
+            elif _is_data(received):
                 counters["frames_accepted"] += 1
                 counters["readings_accepted"] += len(received.readings)
                 if received.seq is None:
@@ -447,11 +453,6 @@ class Receiver:
             acks[i] = self._ack(received, int(rx_time), signer, tag)
         if isinstance(new, int) and 0 <= new < len(rows):
             counters["values_already_stored"] += len(rows) - new
-        for i, received, signer, tag in copies:
-            counters["frames_copies"] += 1
-            if now is None:
-                now = int(self.clock())
-            acks[i] = self._ack(received, now, signer, tag)
         if accepted:
             try:
                 self.verifier.save()
@@ -461,6 +462,18 @@ class Receiver:
                 counters["replay_state_error"] += 1
                 self.log.error("replay state %s not saved: %s", self.verifier.store.path, e)
         return acks
+
+    def _conflicts(self, count, rows):
+        self.counters["index_conflicts"] += count
+        nodes = sorted({row[0] for row in rows if row[1] is not None})
+        self.folded.error(
+            ("index conflicts",),
+            "%d readings of node(s) %s carry reading indices already stored with other values: "
+            "the node's count restarted (journal erased, or its id given to another board); "
+            "kept in readings_conflicts, re-provision it under a new node id",
+            count,
+            ",".join(str(n) for n in nodes[:10]),
+        )
 
     def _remember(self, received, tag):
         stored = self._stored

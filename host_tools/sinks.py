@@ -52,6 +52,11 @@ SCHEMA = (
     "ON readings(node_id, reading_index, quantity)",
     "CREATE UNIQUE INDEX IF NOT EXISTS readings_v1 "
     "ON readings(node_id, ts, quantity) WHERE reading_index IS NULL",
+    # A reading whose identity is taken by a reading of another value: the node's count
+    # restarted (its journal erased, or its id given to another board). Kept here, not lost.
+    "CREATE TABLE IF NOT EXISTS readings_conflicts(node_id INTEGER NOT NULL, "
+    "reading_index INTEGER NOT NULL, ts REAL NOT NULL, quantity TEXT NOT NULL, "
+    "value REAL NOT NULL, stored_value REAL NOT NULL)",
 )
 _COLUMNS = ["node_id", "reading_index", "ts", "quantity", "value"]
 _COLUMNS_V1 = ["node_id", "ts", "quantity", "value"]
@@ -133,15 +138,20 @@ class SqliteSink:
             raise
 
     def write(self, rows):
-        """Insert rows in one transaction and commit; return how many were new."""
+        """Insert rows in one transaction and commit; return how many were new. A reading
+        whose identity is already stored with another value is kept in readings_conflicts and
+        counted in `conflicts` (the node's reading count restarted: see SPEC.md "Identity")."""
         db = self._db
         v1 = [(n, ts, q, v) for n, i, ts, q, v in rows if i is None]
         v2 = rows if not v1 else [r for r in rows if r[1] is not None]
         before = db.total_changes
+        self._last_conflicts = 0
         db.execute("BEGIN IMMEDIATE")
         try:
             if v2:
                 db.executemany(_INSERT, v2)
+                if db.total_changes - before < len(v2):  # copies, or a count restarted
+                    self._keep_conflicts(v2)
             if v1:
                 db.executemany(_INSERT_V1, v1)
             db.execute("COMMIT")
@@ -149,7 +159,42 @@ class SqliteSink:
             if db.in_transaction:  # a failed COMMIT leaves it open
                 db.execute("ROLLBACK")
             raise
-        return db.total_changes - before
+        return db.total_changes - before - self._last_conflicts
+
+    _last_conflicts = 0
+    conflicts = 0
+
+    def _keep_conflicts(self, rows):
+        """Rows not inserted whose stored reading has another value: into readings_conflicts.
+        Only batches with copies pay for this (a node's re-sent frame: one range query)."""
+        db = self._db
+        spans = {}
+        for n, i, _, _, _ in rows:
+            lo, hi = spans.get(n, (i, i))
+            spans[n] = (min(lo, i), max(hi, i))
+        stored = {}
+        for n, (lo, hi) in spans.items():
+            for i, q, v, ts in db.execute(
+                "SELECT reading_index, quantity, value, ts FROM readings "
+                "WHERE node_id = ? AND reading_index BETWEEN ? AND ?",
+                (n, lo, hi),
+            ):
+                stored[(n, i, q)] = (v, ts)
+        # a reading (all its quantities) conflicts if any of its values differs from the stored
+        differ = {
+            (n, i)
+            for n, i, _, q, v in rows
+            if (n, i, q) in stored and abs(stored[(n, i, q)][0] - v) > 1e-9 * max(1.0, abs(v))
+        }
+        conflicts = [
+            (n, i, ts, q, v, stored[(n, i, q)][0])
+            for n, i, ts, q, v in rows
+            if (n, i) in differ and (n, i, q) in stored
+        ]
+        if conflicts:
+            db.executemany("INSERT INTO readings_conflicts VALUES (?, ?, ?, ?, ?, ?)", conflicts)
+            self.conflicts += len(conflicts)
+        self._last_conflicts = len(conflicts)
 
     def close(self):
         self._db.close()
@@ -371,6 +416,10 @@ class TeeSink:
     def write(self, rows):
         counts = [sink.write(rows) for sink in self.sinks]
         return counts[0]
+
+    @property
+    def conflicts(self):
+        return sum(getattr(sink, "conflicts", 0) for sink in self.sinks)
 
     def close(self):
         for sink in self.sinks:

@@ -762,3 +762,22 @@ def test_udp_source_stamps_the_read_time_and_drops_oversize_datagrams():
     assert [len(d) for d, _, _ in batch] == [MAX_DATAGRAM]
     assert before <= batch[0][2] <= after  # the time it was read, given to the receiver
     assert source.counters["oversize"] == 2
+
+
+def test_a_node_whose_count_restarted_is_an_error_and_loses_nothing(receiver, db_path, caplog):
+    """A node's journal erased (or its id given to a fresh board): it numbers its readings from
+    0 again. Those indices are stored already with other values: the new readings are kept in
+    readings_conflicts, counted and logged, not silently dropped as copies."""
+    assert receiver.datagram(v2_frame(0)) is not None
+    other = [(r[0] + 7, r[1], r[2]) for r in READINGS]
+    with caplog.at_level(logging.ERROR, logger="citynode.receiver"):
+        assert receiver.datagram(v2_frame(0, readings=other, ages=[30, 20, 10])) is not None
+    assert receiver.counters["index_conflicts"] == 9
+    assert "count restarted" in caplog.text
+    with sqlite3.connect(db_path) as db:
+        kept = db.execute("SELECT reading_index, value FROM readings_conflicts").fetchall()
+    assert len(kept) == 9 and {i for i, _ in kept} == {0, 1, 2}
+    assert len(identity_rows(db_path)) == 9  # the first readings stand
+    # a true copy (the same values, re-sent) is no conflict
+    assert receiver.datagram(v2_frame(0, ages=[a + 5 for a in AGES])) is not None
+    assert receiver.counters["index_conflicts"] == 9
