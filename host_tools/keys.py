@@ -11,6 +11,9 @@
 #               the key before the last rotation, still accepted until "until" so that frames
 #               signed before the node was re-provisioned (in flight, or resent from its pending
 #               readings) verify; dropped at the first write after it expires
+#   "older":    [{"key": "<hex>", "until": ...}, ...] keys of earlier rotations whose grace has
+#               not ended yet, newest first (a second rotation within a grace period must not
+#               cut off a node still on the key before: every key stays until its own "until")
 #   "revoked":  "2025-08-01T10:00:00Z"  (or true) the node's frames are refused; its key stays
 #               in the file for the record, but load_keys() and load_accepted_keys() leave it out
 #
@@ -36,7 +39,7 @@ KEY_BYTES = 16  # protocols/frame.py KEY_LEN: HMAC-SHA256 key, 128 bits
 KEY_HEX = 2 * KEY_BYTES
 _MAX_NODE_ID = 0xFFFFFFFF  # node ids are u32 varints on the wire
 DEFAULT_GRACE_S = 24 * 3600  # how long a rotated-out key is still accepted (`keys rotate`)
-_MANAGED = ("key", "created", "rotated", "previous", "revoked")
+_MANAGED = ("key", "created", "rotated", "previous", "older", "revoked")
 
 
 class KeyFileError(Exception):
@@ -64,6 +67,7 @@ class NodeKeys:
         self.revoked = revoked  # None: active; a time, or True when the time is not known
         self.previous = previous  # the key before the last rotation, or None
         self.previous_until = previous_until  # accepted until this time
+        self.older = []  # [(key, until)] of earlier rotations, newest first
         self.extra = dict(extra or {})  # fields this module does not manage, kept on save
 
     @property
@@ -74,10 +78,26 @@ class NodeKeys:
         """Keys a frame from this node may be signed with at `now`: current key first."""
         if not self.active:
             return ()
+        keys = [self.key]
         if self.previous is not None and self.previous_until is not None:
             if now < self.previous_until:
-                return (self.key, self.previous)
-        return (self.key,)
+                keys.append(self.previous)
+        keys.extend(k for k, until in self.older if now < until)
+        return tuple(keys)
+
+    def rotate(self, new_key, now, grace_s):
+        """Make new_key current. With grace_s > 0 the current key stays accepted for grace_s,
+        and keys of earlier rotations stay until their own grace ends."""
+        if grace_s > 0:
+            if self.previous is not None and self.previous_until is not None:
+                if now < self.previous_until:
+                    self.older.insert(0, (self.previous, self.previous_until))
+            self.older = [(k, until) for k, until in self.older if now < until]
+            self.previous, self.previous_until = self.key, now + grace_s
+        else:
+            self.previous = self.previous_until = None
+            self.older = []
+        self.key = new_key
 
     def __eq__(self, other):
         return isinstance(other, NodeKeys) and vars(self) == vars(other)
@@ -242,6 +262,14 @@ def save_registry(path, registry, now=None, backup=True):
                     "key": bytes(entry.previous).hex(),
                     "until": format_time(entry.previous_until),
                 }
+        if entry.active:
+            older = [(k, until) for k, until in entry.older if now < until]
+            for k, _ in older:
+                _check_entry(path, node_id, k)
+            if older:
+                obj["older"] = [
+                    {"key": bytes(k).hex(), "until": format_time(until)} for k, until in older
+                ]
         if entry.revoked is True:
             obj["revoked"] = True
         elif entry.revoked is not None:
@@ -431,10 +459,23 @@ def _parse_entry(path, node_id, entry):
             until = parse_time(prev["until"])
         except ValueError as e:
             raise fail('"previous": "until": %s' % e) from None
+    older = []
+    raw_older = entry.get("older", [])
+    if not isinstance(raw_older, list):
+        raise fail('"older": expected a list of objects with a "key" and an "until"')
+    for item in raw_older:
+        if not isinstance(item, dict) or "key" not in item or "until" not in item:
+            raise fail('"older": expected a list of objects with a "key" and an "until"')
+        try:
+            older.append((_parse_hex_key(item["key"]), parse_time(item["until"])))
+        except ValueError as e:
+            raise fail('"older": %s' % e) from None
     extra = {k: v for k, v in entry.items() if k not in _MANAGED}
-    return NodeKeys(
+    node = NodeKeys(
         node_id, key, times["created"], times["rotated"], revoked, previous, until, extra
     )
+    node.older = older
+    return node
 
 
 def _check_entry(path, node_id, key):

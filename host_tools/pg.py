@@ -499,7 +499,9 @@ def _entry(row):
         revoked = True if revoked_at is None else _from_time(revoked_at)
     else:
         revoked = None
-    return NodeKeys(
+    extra = dict(extra or {})
+    older = extra.pop("older", [])  # keys of earlier rotations still in their grace
+    node = NodeKeys(
         node_id,
         bytes(key),
         _from_time(created),
@@ -509,6 +511,8 @@ def _entry(row):
         _from_time(until),
         extra,
     )
+    node.older = [(bytes.fromhex(k), float(u)) for k, u in older]
+    return node
 
 
 def _row(entry):
@@ -524,7 +528,7 @@ def _row(entry):
         revoked_at,
         _to_time(entry.created),
         _to_time(entry.rotated),
-        Jsonb(entry.extra),
+        Jsonb(dict(entry.extra, older=[[bytes(k).hex(), u] for k, u in entry.older])),
     )
 
 

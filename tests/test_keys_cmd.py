@@ -195,11 +195,36 @@ def test_rotate_without_grace_and_twice(home, citynode):
     second = load_keys(home / "keys.json")[7]
     citynode("keys", "rotate", 7)
     third = load_keys(home / "keys.json")[7]
-    # only the key the node was last provisioned with stays accepted
-    assert load_accepted_keys(home / "keys.json")[7] == (third, second)
-    assert first not in load_accepted_keys(home / "keys.json")[7]
+    # every key whose grace has not ended stays accepted: a node still on the first key (its
+    # re-provisioning with the second never happened) is not cut off by the second rotation
+    assert load_accepted_keys(home / "keys.json")[7] == (third, second, first)
+    later = time.time() + registry_file_grace() + 5
+    assert load_accepted_keys(home / "keys.json", now=later)[7] == (third,)
     citynode("keys", "rotate", 7, "--grace", 0)
     assert len(load_accepted_keys(home / "keys.json")[7]) == 1
+
+
+def registry_file_grace():
+    from host_tools.keys import DEFAULT_GRACE_S
+
+    return DEFAULT_GRACE_S
+
+
+def test_each_rotated_key_keeps_its_own_grace(home, citynode, monkeypatch):
+    citynode("keys", "add", 7)
+    first = load_keys(home / "keys.json")[7]
+    t0 = time.time()
+    citynode("keys", "rotate", 7, "--grace", 2)  # first: accepted until t0 + 2 h
+    second = load_keys(home / "keys.json")[7]
+    monkeypatch.setattr(time, "time", lambda: t0 + 3600)
+    citynode("keys", "rotate", 7, "--grace", 2)  # an hour later; second until t0 + 3 h
+    third = load_keys(home / "keys.json")[7]
+    keys = home / "keys.json"
+    assert load_accepted_keys(keys, now=t0 + 3600)[7] == (third, second, first)
+    assert load_accepted_keys(keys, now=t0 + 2.5 * 3600)[7] == (third, second)
+    assert load_accepted_keys(keys, now=t0 + 3.5 * 3600)[7] == (third,)
+    code, _, _ = citynode("keys", "revoke", 7)
+    assert code == 0 and 7 not in load_accepted_keys(keys, now=t0 + 3600)
 
 
 def test_revoke(home, citynode):

@@ -116,3 +116,20 @@ def test_receive_with_an_unreachable_postgres_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("citynode: ")
     assert "s3cret" not in result.stderr
+
+
+def test_keys_pushed_keep_every_key_still_in_its_grace(tmp_path, pg_url):
+    from host_tools.keys import load_accepted_keys
+    from host_tools.pg import PgKeyStore
+
+    keys = tmp_path / "keys.json"
+    for args in (("add", 7), ("rotate", 7), ("rotate", 7), ("push", pg_url)):
+        result = citynode("keys", "--keys", keys, *args)
+        assert result.returncode == 0, result.stderr
+    store = PgKeyStore(pg_url)
+    try:
+        from_pg = store.load_accepted()
+    finally:
+        store.close()
+    from_file = load_accepted_keys(keys)
+    assert len(from_file[7]) == 3 and from_pg == from_file

@@ -236,14 +236,9 @@ def _rotate(args, path, now):
             raise CliError(
                 "%s: node %d is not revoked; --reinstate is for revoked nodes" % (path, n)
             )
-        if entry.active and args.grace > 0:
-            # A second rotation within the grace period replaces the key kept: only the key
-            # the node was last provisioned with matters.
-            entry.previous = entry.key
-            entry.previous_until = now + args.grace * 3600
-        else:
-            entry.previous = entry.previous_until = None
-        entry.key = registry_file.new_key()
+        # Every key whose grace has not ended stays accepted: a second rotation within a grace
+        # period must not cut off a node that is still on the key before.
+        entry.rotate(registry_file.new_key(), now, args.grace * 3600 if entry.active else 0)
         entry.rotated = now
         entry.revoked = None
         registry_file.save_registry(path, registry, now=now)
@@ -260,6 +255,7 @@ def _revoke(args, path, now):
             raise CliError("%s: node %d is already revoked (%s)" % (path, n, _status(entry)))
         entry.revoked = now
         entry.previous = entry.previous_until = None  # a revoked node has no accepted key
+        entry.older = []
         registry_file.save_registry(path, registry, now=now)
     _report(args, [entry], now, "revoked")
     return 0
