@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 
+from host_tools.health import Health
 from host_tools.logfold import FoldingLog
 from protocols import frame, uplink
 
@@ -349,6 +350,7 @@ class Receiver:
         # Rejections are all counted; their log lines are folded (a flood of bad datagrams
         # writes a few lines with counts, not a line each). serve() flushes it.
         self.folded = FoldingLog(self.log)
+        self.health = Health()  # per node: last heard, its STATUS fields (receive --status)
         self._failed_rx = collections.OrderedDict()  # (node_id, "s", seq) -> rx_time
         # (node_id, "i", first, last) -> (its tag, time.monotonic() when stored)
         self._stored = collections.OrderedDict()
@@ -446,10 +448,12 @@ class Receiver:
             elif _is_data(received):
                 counters["frames_accepted"] += 1
                 counters["readings_accepted"] += len(received.readings)
+                self.health.data(received, rx_time)
                 if received.seq is None:
                     self._remember(received, tag)
             else:
                 self._status(received)
+                self.health.status(received, rx_time)
             acks[i] = self._ack(received, int(rx_time), signer, tag)
         if isinstance(new, int) and 0 <= new < len(rows):
             counters["values_already_stored"] += len(rows) - new
@@ -466,6 +470,8 @@ class Receiver:
     def _conflicts(self, count, rows):
         self.counters["index_conflicts"] += count
         nodes = sorted({row[0] for row in rows if row[1] is not None})
+        for node_id in nodes:  # (which of the batch's nodes: not known; each is flagged)
+            self.health.conflicts(node_id, count)
         self.folded.error(
             ("index conflicts",),
             "%d readings of node(s) %s carry reading indices already stored with other values: "

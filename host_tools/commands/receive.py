@@ -150,6 +150,13 @@ def add_arguments(p):
         help="rewrite this JSON status file every %d s (and on SIGUSR1)" % STATUS_EVERY_S,
     )
     st.add_argument(
+        "--silent-after",
+        type=float,
+        default=3,
+        metavar="N",
+        help="with --status: name the nodes not heard for N of their frame periods (default 3)",
+    )
+    st.add_argument(
         "--status",
         action="store_true",
         help="print the status file of a running receiver (--status-file) and exit: "
@@ -334,6 +341,7 @@ class Status:
             "sources": [s.name for s in self.sources],
             "counters": self.counters(),
             "sinks": {f.name: f.status() for f in self.forwarders},
+            "node_health": self.receiver.health.snapshot(now),
         }
 
     def write_file(self):
@@ -351,8 +359,10 @@ class Status:
                 log.warning("cannot write status file %s: %s", self.path, e.strerror or e)
 
 
-def show_status(path):
-    """`citynode receive --status`: print the status file; 0 if fresh, 1 if stale."""
+def show_status(path, silent_after=3):
+    """`citynode receive --status`: print the status file, then a line for every node that
+    needs a look (not heard for `silent_after` frame periods, readings dropped, sensor faults,
+    resets, reading indices used twice); 0 if the file is fresh, 1 if stale."""
     if not path:
         raise CliError("--status needs --status-file PATH (the running receiver's)")
     try:
@@ -365,8 +375,13 @@ def show_status(path):
         ) from None
     except ValueError as e:
         raise CliError("status file %s: not valid JSON: %s" % (path, e)) from None
-    age = time.time() - doc.get("time", 0)
+    now = time.time()
+    age = now - doc.get("time", 0)
     print(json.dumps(doc, indent=1, sort_keys=True))
+    from host_tools.health import problems_of_snapshot
+
+    for node_id, what in problems_of_snapshot(doc, now, silent_after):
+        print("citynode: node %d: %s" % (node_id, what), file=sys.stderr)
     if age > 3 * doc.get("status_every_s", STATUS_EVERY_S):
         print(
             "citynode: status file %s is %.0f s old: the receiver (pid %s) is not running or stuck"
@@ -382,7 +397,9 @@ def show_status(path):
 
 def run(args):
     if args.status:
-        return show_status(args.status_file)
+        if args.silent_after <= 0:
+            raise CliError("--silent-after must be positive, got %g" % args.silent_after)
+        return show_status(args.status_file, args.silent_after)
     if not args.keys:
         raise CliError("--keys FILE is required to receive")
     # Every key a frame may be signed with: the current one, and during a rotation's grace
