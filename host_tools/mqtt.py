@@ -9,8 +9,10 @@
 # verbatim after the first "/", so "+" and "#" wildcards work: mqtt://broker/citynode/up/#.
 
 import collections
+import functools
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -43,6 +45,14 @@ HA_SENSORS = {
     "pm10_ugm3": ("PM10", "pm10", "µg/m³"),
     "battery_v": ("Battery voltage", "voltage", "V"),
 }
+# Home Assistant shows a sensor unavailable when no state came for this long. A node sends a
+# frame every `batch` readings (10 at one a minute by default: README "Provisioning"), so a
+# sensor's state comes every 10 min; 30 min lets two frames go missing (a retry after a lost
+# ack comes a cycle later) before the last value is no longer shown as current.
+HA_EXPIRE_AFTER_S = 1800
+ONLINE = "online"  # the receiver's status payloads: Home Assistant's defaults
+OFFLINE = "offline"
+ONLINE_EVERY_S = 60  # "online" again with a batch at least this far apart (several receivers)
 
 
 class MqttUrl:
@@ -81,30 +91,80 @@ def reading_topic(prefix, node_id, quantity):
     return "%s/%d/%s" % (prefix, node_id, quantity)
 
 
-def ha_discovery(node_id, quantity, prefix=DEFAULT_PREFIX, ha_prefix=HA_PREFIX):
+def ha_root(prefix):
+    """Home Assistant's topics: beside the readings' tree, not in it, so that a backend taking
+    every message under <prefix>/# still gets readings only."""
+    return prefix + "-ha"
+
+
+def state_topic(prefix, node_id, quantity):
+    """The sensor's newest reading, retained: what Home Assistant reads."""
+    return "%s/%d/%s" % (ha_root(prefix), node_id, quantity)
+
+
+def status_topic(prefix):
+    """The receiver's availability, retained: "online", or "offline" (also its last will)."""
+    return ha_root(prefix) + "/status"
+
+
+@functools.cache
+def citynode_version():
+    """citynode's version for Home Assistant's `origin`: FW_VERSION of firmware/__init__.py,
+    the one `citynode flash` checks on the boards it flashes; None if it cannot be read."""
+    from host_tools.flash import FlashError, firmware_version
+
+    try:
+        return firmware_version()
+    except (OSError, FlashError):
+        return None
+
+
+def ha_discovery(
+    node_id, quantity, prefix=DEFAULT_PREFIX, ha_prefix=HA_PREFIX, expire_after=HA_EXPIRE_AFTER_S
+):
     """(topic, payload dict) of the Home Assistant MQTT discovery config for one node's sensor:
-    homeassistant/sensor/citynode_<node>_<quantity>/config, its state on the reading topic."""
+    homeassistant/sensor/<entity>/config, entity sensor.<entity> (<entity>: citynode_<node>_
+    <quantity>), its value from the retained state topic, unavailable while the receiver's
+    status is "offline" or once no state came for `expire_after` seconds (None: never).
+    `origin` is citynode and its version; the device has no sw_version: a node's firmware
+    version comes only in its STATUS frames, which reach no sink."""
     name, device_class, unit = HA_SENSORS.get(quantity, (quantity, None, None))
-    object_id = "citynode_%d_%s" % (node_id, quantity)
+    entity = "citynode_%d_%s" % (node_id, quantity)
     config = {
         "name": name,
-        "unique_id": object_id,
-        "object_id": object_id,
-        "state_topic": reading_topic(prefix, node_id, quantity),
+        "unique_id": entity,
+        "default_entity_id": "sensor." + entity,  # object_id is deprecated (HA 2025.10)
+        "state_topic": state_topic(prefix, node_id, quantity),
         "value_template": "{{ value_json.value }}",
         "state_class": "measurement",
+        "availability": [
+            {
+                "topic": status_topic(prefix),
+                "payload_available": ONLINE,
+                "payload_not_available": OFFLINE,
+            }
+        ],
         "device": {
             "identifiers": ["citynode_%d" % node_id],
             "name": "citynode %d" % node_id,
             "manufacturer": "citynode",
             "model": "citynode sensor node",
         },
+        "origin": {"name": "citynode"},
     }
+    if citynode_version():
+        config["origin"]["sw_version"] = citynode_version()
+    if expire_after:
+        config["expire_after"] = expire_after
     if device_class:
         config["device_class"] = device_class
     if unit:
         config["unit_of_measurement"] = unit
-    return "%s/sensor/%s/config" % (ha_prefix, object_id), config
+    return "%s/sensor/%s/config" % (ha_prefix, entity), config
+
+
+def _acked(info):
+    return info.rc == paho.MQTT_ERR_SUCCESS and info.is_published()
 
 
 def _reason_text(reason_code):
@@ -116,17 +176,43 @@ class MqttSink:
     """Publishes readings (QoS 1, retain off) and waits for the broker's PUBACK of every one
     before deliver() returns. A failure drops the connection and its queue; the forwarder's
     retry connects afresh and publishes the batch again (copies carry the same reading id).
-    With `ha_prefix`, each (node, quantity) gets its discovery config (retained, as Home
-    Assistant expects) before its first reading on every connection."""
 
-    def __init__(self, url, prefix=DEFAULT_PREFIX, ha_prefix=None, timeout=10.0, client_id=None):
+    With `ha_prefix`, for Home Assistant: each (node, quantity) gets its discovery config
+    (retained, as Home Assistant expects) before its first reading on every connection; the
+    newest reading of each sensor is also published, retained, on its state topic, so Home
+    Assistant has it after a restart; and the receiver's status topic says "online" (retained,
+    on connecting and at least every ONLINE_EVERY_S with a batch) and "offline" (on close(),
+    or as the last will the broker publishes when the connection dies without a DISCONNECT).
+
+    Retained states only move forward: a batch retains its newest reading per sensor (largest
+    ts), and only if no newer one is retained already (a node's backlog arriving after fresher
+    readings). What is retained is read back from the broker on connecting, so a restarted
+    receiver, or another receiver publishing to the same prefix, compares with it too. Several
+    receivers share one status topic: the last to speak wins, and a live one says "online"
+    again within ONLINE_EVERY_S of a dead one's will."""
+
+    def __init__(
+        self,
+        url,
+        prefix=DEFAULT_PREFIX,
+        ha_prefix=None,
+        timeout=10.0,
+        client_id=None,
+        expire_after=HA_EXPIRE_AFTER_S,
+    ):
         self.url = MqttUrl(url, "--mqtt-out")
         if self.url.topic:
             prefix = self.url.topic.rstrip("/")
         if not prefix or "+" in prefix or "#" in prefix:
             raise SinkError("--mqtt-out: topic prefix %r must be a plain topic" % prefix)
+        if expire_after is not None and not (isinstance(expire_after, int) and expire_after >= 0):
+            raise ValueError(
+                "expire_after must be whole seconds >= 0 or None, got %r" % (expire_after,)
+            )
         self.prefix = prefix
         self.ha_prefix = ha_prefix
+        self.expire_after = expire_after
+        self.status_topic = status_topic(prefix)
         self.timeout = timeout
         self.client_id = client_id or "citynode-receiver-%d" % (time.time_ns() % 10**9)
         self.name = "mqtt %s/%s" % (self.url.address, prefix)
@@ -134,6 +220,10 @@ class MqttSink:
         self._connected = threading.Event()
         self._lost = None  # why the connection ended, set by on_disconnect
         self._announced = set()
+        self._lock = threading.Lock()  # guards _state_ts, which paho's thread updates too
+        self._state_ts = {}  # (node_id, quantity) -> ts of the newest state retained
+        self._synced = threading.Event()  # the retained states have been read
+        self._online_at = None  # time.monotonic() of the last "online"
 
     # --- connection ---
 
@@ -166,6 +256,10 @@ class MqttSink:
 
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
+        if self.ha_prefix:
+            client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
+            client.on_subscribe = self._on_subscribe
+            client.on_message = self._on_message
         self._lost = None
         try:
             client.connect(self.url.host, self.url.port, keepalive=30)
@@ -183,21 +277,64 @@ class MqttSink:
                 self._drop()
                 raise DeliveryError("connect", "%s: %s" % (self.where, why))
         self._announced.clear()  # a new session: announce again (a broker may have restarted)
+        if self.ha_prefix:
+            self._go_online(client)
         return client
+
+    def _go_online(self, client):
+        """Read the retained states, then say "online". The broker sends a subscription's
+        retained messages before anything published after it, so the echo of our own
+        "online" (live, hence not flagged retained) comes after every retained state. A
+        broker that refuses the subscription or never echoes (an ACL) leaves only the states
+        this sink published to compare with: the wait gives up after the timeout."""
+        self._synced.clear()
+        states = ha_root(self.prefix) + "/+/+"  # not status: one level less
+        client.subscribe([(states, 1), (self.status_topic, 1)])
+        self._wait([client.publish(self.status_topic, ONLINE, qos=1, retain=True)])
+        self._online_at = time.monotonic()
+        self._synced.wait(self.timeout)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        if any(rc.is_failure for rc in reason_codes):
+            self._synced.set()  # no echo will come
+
+    def _on_message(self, client, userdata, message):
+        topic = message.topic
+        if topic == self.status_topic:
+            if not message.retain:
+                self._synced.set()
+            return
+        node, _, quantity = topic[len(ha_root(self.prefix)) + 1 :].partition("/")
+        try:
+            ts = float(json.loads(message.payload)["ts"])
+        except (ValueError, TypeError, KeyError):  # not ours: no JSON reading, or a deletion
+            return
+        if node.isdigit() and math.isfinite(ts):
+            key = (int(node), quantity)
+            with self._lock:
+                if ts > self._state_ts.get(key, -math.inf):
+                    self._state_ts[key] = ts
 
     @property
     def where(self):
         return "mqtt %s" % self.url.address
 
-    def _drop(self):
+    def _drop(self, abort=False):
+        """Close the connection: with a DISCONNECT, or (abort, after a failure) by closing the
+        socket, so that the broker publishes the last will ("offline") when it notices."""
         client, self._client = self._client, None
         self._connected.clear()
-        if client is not None:
-            try:
+        if client is None:
+            return
+        sock = client.socket() if abort else None
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+            elif not abort:
                 client.disconnect()
-            except Exception:  # already gone
-                pass
-            client.loop_stop()
+        except Exception:  # already gone
+            pass
+        client.loop_stop()
 
     # --- delivery ---
 
@@ -205,41 +342,70 @@ class MqttSink:
         client = self._connect()
         infos = []
         announcing = set()
+        newest = {}  # (node_id, quantity) -> the batch's newest row
         for row in rows:
-            node_id, _, _, quantity, _ = row
-            if self.ha_prefix and (node_id, quantity) not in self._announced:
-                if (node_id, quantity) not in announcing:
-                    topic, config = ha_discovery(node_id, quantity, self.prefix, self.ha_prefix)
+            node_id, _, ts, quantity, _ = row
+            key = (node_id, quantity)
+            if self.ha_prefix:
+                if key not in self._announced and key not in announcing:
+                    topic, config = ha_discovery(
+                        node_id, quantity, self.prefix, self.ha_prefix, self.expire_after
+                    )
                     infos.append(client.publish(topic, json.dumps(config), qos=1, retain=True))
-                    announcing.add((node_id, quantity))
+                    announcing.add(key)
+                if key not in newest or ts >= newest[key][2]:
+                    newest[key] = row
             topic = reading_topic(self.prefix, node_id, quantity)
             infos.append(client.publish(topic, json.dumps(reading_json(row)), qos=1))
+        retained = {}
+        with self._lock:
+            for key, row in newest.items():
+                if row[2] >= self._state_ts.get(key, -math.inf):  # equal: the same, again
+                    retained[key] = row[2]
+        for node_id, quantity in retained:
+            payload = json.dumps(reading_json(newest[node_id, quantity]))
+            topic = state_topic(self.prefix, node_id, quantity)
+            infos.append(client.publish(topic, payload, qos=1, retain=True))
+        online = self.ha_prefix and time.monotonic() - self._online_at >= ONLINE_EVERY_S
+        if online:
+            infos.append(client.publish(self.status_topic, ONLINE, qos=1, retain=True))
         self._wait(infos)
         self._announced |= announcing
+        with self._lock:
+            for key, ts in retained.items():
+                self._state_ts[key] = max(ts, self._state_ts.get(key, -math.inf))
+        if online:
+            self._online_at = time.monotonic()
 
-    def _wait(self, infos):
-        deadline = time.monotonic() + self.timeout
+    def _wait(self, infos, timeout=None):
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         for info in infos:
-            while not info.is_published():
+            # rc first: is_published() raises on a message paho refused, as it does when the
+            # connection was lost an instant before on_disconnect said so
+            while not _acked(info):
                 if info.rc != paho.MQTT_ERR_SUCCESS or not self._connected.is_set():
                     why = self._lost or paho.error_string(info.rc)
-                    self._drop()
+                    self._drop(abort=True)
                     raise DeliveryError("connection", "%s: %s" % (self.where, why))
                 if time.monotonic() > deadline:
-                    self._drop()
+                    self._drop(abort=True)
                     raise DeliveryError(
                         "timeout",
                         "%s: %d of %d messages not acknowledged within %.1f s"
-                        % (
-                            self.where,
-                            sum(not i.is_published() for i in infos),
-                            len(infos),
-                            self.timeout,
-                        ),
+                        % (self.where, sum(not _acked(i) for i in infos), len(infos), timeout),
                     )
                 time.sleep(0.002)
 
     def close(self):
+        """Say "offline" (with Home Assistant) and disconnect."""
+        client = self._client
+        if client is not None and self.ha_prefix and self._connected.is_set():
+            try:
+                info = client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
+                self._wait([info], min(self.timeout, 2.0))
+            except DeliveryError:
+                return  # dropped without a DISCONNECT: the broker publishes the will
         self._drop()
 
 

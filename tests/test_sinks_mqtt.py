@@ -1,7 +1,8 @@
 # Tests for host_tools/mqtt.py against a real broker: Debian's mosquitto, started here on a free
 # port of 127.0.0.1 (tools/system-deps.sh installs it; without it these tests skip, except in CI
-# as root, where they must run). The sink (readings, Home Assistant discovery, broker stopped and
-# restarted) and the source (frames in from a gateway's topic, acks back).
+# as root, where they must run). The sink (readings; Home Assistant discovery, availability with a
+# last will, retained newest states; broker stopped and restarted) and the source (frames in from
+# a gateway's topic, acks back).
 
 import json
 import os
@@ -10,12 +11,15 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 
 import paho.mqtt.client as paho
 import pytest
 
+from firmware import FW_VERSION
+from host_tools import mqtt
 from host_tools.forward import Backoff, Forwarder
 from host_tools.mqtt import MqttSink, MqttSource, MqttUrl, ha_discovery
 from host_tools.receiver import Intake, Receiver, Verifier, serve
@@ -23,6 +27,7 @@ from host_tools.sinks import DeliveryError, SinkError, reading_id, reading_json
 from host_tools.spool import Spool
 from protocols import frame, uplink
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY7 = bytes(range(16))
 ROWS = [
     (17, 40312, 1_700_000_000.25, "temperature_c", 21.5),
@@ -155,6 +160,30 @@ def wait_until(predicate, timeout=15.0, what="condition"):
         time.sleep(0.02)
 
 
+_readers = iter(range(10**6))
+
+
+def retained(broker, topics, expect=()):
+    """{topic: payload} of the messages the broker holds retained on `topics`, as a client
+    connecting now gets them (after those of `expect` are in)."""
+    sub = Subscriber(broker, topics, client_id="retained-reader-%d" % next(_readers))
+    try:
+        wait_until(lambda: set(expect) <= {t for t, _, r in sub.snapshot() if r}, what=expect)
+        time.sleep(0.2)
+        return {t: p for t, p, r in sub.snapshot() if r}
+    finally:
+        sub.close()
+
+
+def kind(topic):
+    """ "reading" (citynode/...), "state" or "status" (citynode-ha/...) of a topic."""
+    root, _, rest = topic.partition("/")
+    if root == "citynode":
+        return "reading"
+    assert root == "citynode-ha", topic
+    return "status" if rest == "status" else "state"
+
+
 @pytest.fixture
 def broker(tmp_path):
     b = Mosquitto(tmp_path).start()
@@ -194,28 +223,46 @@ def test_ha_discovery_config():
     topic, config = ha_discovery(17, "temperature_c")
     assert topic == "homeassistant/sensor/citynode_17_temperature_c/config"
     assert config["unique_id"] == "citynode_17_temperature_c"
-    assert config["state_topic"] == "citynode/17/temperature_c"
+    assert config["default_entity_id"] == "sensor.citynode_17_temperature_c"
+    assert "object_id" not in config  # deprecated by Home Assistant 2025.10
+    assert config["state_topic"] == "citynode-ha/17/temperature_c"
     assert config["device_class"] == "temperature"
     assert config["unit_of_measurement"] == "°C"
     assert config["value_template"] == "{{ value_json.value }}"
     assert config["device"]["identifiers"] == ["citynode_17"]
+    assert "sw_version" not in config["device"]  # the node's: in STATUS frames, not the sink's
+    assert config["origin"] == {"name": "citynode", "sw_version": FW_VERSION}
+    assert config["availability"] == [
+        {
+            "topic": "citynode-ha/status",
+            "payload_available": "online",
+            "payload_not_available": "offline",
+        }
+    ]
+    assert config["expire_after"] == 1800  # 3 frames of 10 readings a minute
     assert ha_discovery(3, "pressure_hpa")[1]["device_class"] == "atmospheric_pressure"
     assert ha_discovery(3, "humidity_pct")[1]["unit_of_measurement"] == "%"
     _, raw = ha_discovery(3, "channel_99", prefix="city", ha_prefix="ha")
     assert "device_class" not in raw and "unit_of_measurement" not in raw
-    assert raw["state_topic"] == "city/3/channel_99"
+    assert raw["state_topic"] == "city-ha/3/channel_99"
+    assert raw["availability"][0]["topic"] == "city-ha/status"
+    assert ha_discovery(3, "humidity_pct", expire_after=600)[1]["expire_after"] == 600
+    assert "expire_after" not in ha_discovery(3, "humidity_pct", expire_after=None)[1]
+    with pytest.raises(ValueError, match="expire_after"):
+        MqttSink("mqtt://b", ha_prefix="homeassistant", expire_after=1.5)
 
 
 # --- the sink against mosquitto ------------------------------------------------------------
 
 
 def test_sink_publishes_readings_and_discovery(broker):
-    sub = Subscriber(broker, ["citynode/#", "homeassistant/#"])
+    sub = Subscriber(broker, ["citynode/#", "citynode-ha/#", "homeassistant/#"])
     sink = MqttSink(broker.url, ha_prefix="homeassistant", timeout=5)
     try:
         sink.deliver(ROWS)
         sink.deliver(ROWS[:1])  # announced once per connection
-        wait_until(lambda: len(sub.snapshot()) == 9, what="9 messages")
+        # 5 readings, 4 configs, 5 states (the second batch's, as new as the first's), online
+        wait_until(lambda: len(sub.snapshot()) == 15, what="15 messages")
     finally:
         sink.close()
         sub.close()
@@ -237,15 +284,191 @@ def test_sink_publishes_readings_and_discovery(broker):
     for topic, config in configs.items():
         node, quantity = 17, topic.split("/")[2][len("citynode_17_") :]
         assert config == ha_discovery(node, quantity)[1]
-    # discovery configs are retained (Home Assistant finds them after its restart), readings not
-    late = Subscriber(broker, ["citynode/#", "homeassistant/#"], client_id="late")
+    # retained, found by a client that comes later (Home Assistant after its restart): the
+    # configs, each sensor's state and the receiver's status; the readings are not
+    states = {"citynode-ha/17/%s" % row[3]: reading_json(row) for row in ROWS}
+    late = retained(
+        broker, ["citynode/#", "citynode-ha/#", "homeassistant/#"], set(configs) | set(states)
+    )
+    assert set(late) == set(configs) | set(states) | {"citynode-ha/status"}
+    assert {t: json.loads(late[t]) for t in states} == states
+    assert late["citynode-ha/status"] == b"offline"  # closed
+
+
+def test_sink_expire_after_option(broker):
+    sink = MqttSink(broker.url, ha_prefix="ha", timeout=5, expire_after=900)
+    never = MqttSink(broker.url, ha_prefix="ha2", timeout=5, expire_after=None)
     try:
-        time.sleep(0.3)
-        retained = late.snapshot()
+        sink.deliver(ROWS[:1])
+        never.deliver(ROWS[:1])
     finally:
-        late.close()
-    assert {t for t, _, r in retained if r} == set(configs)
-    assert not [t for t, _, _ in retained if t.startswith("citynode/")]
+        sink.close()
+        never.close()
+    configs = {t: json.loads(p) for t, p in retained(broker, ["ha/#", "ha2/#"]).items()}
+    assert configs["ha/sensor/citynode_17_temperature_c/config"]["expire_after"] == 900
+    assert "expire_after" not in configs["ha2/sensor/citynode_17_temperature_c/config"]
+
+
+def temperature(index, ts, value=20.0):
+    return (17, index, ts, "temperature_c", value)
+
+
+def test_sink_retains_only_the_newest_state(broker):
+    """Each sensor's state topic holds its newest reading: one state per sensor per batch (the
+    batch's newest), never replaced by an older reading, by this receiver or by a restarted
+    one; the readings themselves all go out, not retained."""
+    sub = Subscriber(broker, ["citynode/#", "citynode-ha/#"])
+    topic = "citynode-ha/17/temperature_c"
+
+    def state():
+        return json.loads(retained(broker, [topic], [topic])[topic])
+
+    def states_published():
+        return [json.loads(p)["ts"] for t, p, _ in sub.snapshot() if t == topic]
+
+    sink = MqttSink(broker.url, ha_prefix="homeassistant", timeout=5)
+    try:
+        humidity = (17, 3, 300.0, "humidity_pct", 40.0)
+        sink.deliver(
+            [temperature(1, 100.0), temperature(2, 200.0), temperature(3, 300.0), humidity]
+        )
+        assert state() == reading_json(temperature(3, 300.0))
+        assert states_published() == [300.0]  # only the batch's newest
+        sink.deliver([temperature(0, 50.0)])  # the node's backlog, sent later
+        assert state()["ts"] == 300.0
+        sink.deliver([temperature(5, 250.0), temperature(7, 400.0), temperature(6, 350.0)])
+        assert state() == reading_json(temperature(7, 400.0))  # the newest, not the last
+    finally:
+        sink.close()
+    restarted = MqttSink(broker.url, ha_prefix="homeassistant", timeout=5)
+    try:
+        restarted.deliver([temperature(4, 150.0)])  # reads what is retained before it compares
+        assert state()["ts"] == 400.0
+        restarted.deliver([temperature(8, 500.0)])
+        assert state() == reading_json(temperature(8, 500.0))
+        wait_until(lambda: states_published()[-1:] == [500.0], what="the state of ts 500")
+    finally:
+        restarted.close()
+        time.sleep(0.2)
+        sub.close()
+    assert states_published() == [300.0, 400.0, 500.0]
+    readings = [json.loads(p) for t, p, r in sub.snapshot() if kind(t) == "reading"]
+    assert [r["reading_index"] for r in readings if r["quantity"] == "temperature_c"] == [
+        1,
+        2,
+        3,
+        0,
+        5,
+        7,
+        6,
+        4,
+        8,
+    ]
+    assert retained(broker, ["citynode/#"]) == {}  # the readings are not retained
+
+
+def test_sink_without_discovery_publishes_readings_only(broker):
+    sub = Subscriber(broker, ["#"])
+    sink = MqttSink(broker.url, timeout=5)
+    try:
+        sink.deliver(ROWS)
+        wait_until(lambda: len(sub.snapshot()) == 4, what="4 readings")
+        time.sleep(0.2)
+    finally:
+        sink.close()
+        sub.close()
+    assert [kind(t) for t, _, _ in sub.snapshot()] == ["reading"] * 4
+    assert retained(broker, ["#"]) == {}
+
+
+# --- availability: the receiver's status and its last will --------------------------------
+
+RECEIVER = """
+import sys, time
+from host_tools.mqtt import MqttSink
+sink = MqttSink(sys.argv[1], ha_prefix="homeassistant", timeout=5)
+sink.deliver([(17, 1, 1_700_000_000.0, "temperature_c", 21.5)])
+print("delivered", flush=True)
+time.sleep(60)
+"""
+
+
+def statuses(sub):
+    return [(p.decode(), r) for t, p, r in sub.snapshot() if t == "citynode-ha/status"]
+
+
+def test_receiver_killed_goes_offline_by_its_last_will(broker):
+    sub = Subscriber(broker, ["citynode-ha/status"])
+    receiver = subprocess.Popen(
+        [sys.executable, "-c", RECEIVER, broker.url], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert receiver.stdout.readline() == "delivered\n"
+        wait_until(lambda: statuses(sub) == [("online", False)], what="online")
+        assert retained(broker, ["citynode-ha/status"]) == {"citynode-ha/status": b"online"}
+        receiver.kill()  # no DISCONNECT: the broker sees the socket closed
+        receiver.wait(10)
+        wait_until(lambda: statuses(sub)[-1:] == [("offline", False)], what="the last will")
+    finally:
+        receiver.kill()
+        receiver.stdout.close()
+        sub.close()
+    assert retained(broker, ["citynode-ha/status"]) == {"citynode-ha/status": b"offline"}
+
+
+def test_sink_status_online_then_offline_on_close(broker):
+    sub = Subscriber(broker, ["citynode-ha/status"])
+    sink = MqttSink(broker.url, ha_prefix="homeassistant", timeout=5)
+    try:
+        sink.deliver(ROWS[:1])
+        assert retained(broker, ["citynode-ha/status"]) == {"citynode-ha/status": b"online"}
+        sink.close()
+        wait_until(lambda: statuses(sub)[-1:] == [("offline", False)], what="offline")
+    finally:
+        sink.close()
+        sub.close()
+    assert statuses(sub) == [("online", False), ("offline", False)]
+
+
+def test_sink_that_gives_up_on_a_hung_broker_leaves_its_will(broker):
+    """A delivery that fails drops the connection without a DISCONNECT, so the broker, once it
+    notices, says "offline"; the next delivery connects again and says "online"."""
+    sub = Subscriber(broker, ["citynode-ha/status"])
+    sink = MqttSink(broker.url, ha_prefix="homeassistant", timeout=1)
+    try:
+        sink.deliver(ROWS)
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(DeliveryError):
+                sink.deliver(ROWS)
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: statuses(sub)[-1:] == [("offline", False)], what="the last will")
+        sink.deliver(ROWS)
+        wait_until(lambda: statuses(sub)[-1:] == [("online", False)], what="online again")
+    finally:
+        sink.close()
+        sub.close()
+
+
+def test_live_receiver_says_online_again_after_another_ones_will(broker, monkeypatch):
+    """Receivers sharing a prefix share the status topic: when one dies, a live one says
+    "online" again with a batch (at least ONLINE_EVERY_S apart; 0 here)."""
+    monkeypatch.setattr(mqtt, "ONLINE_EVERY_S", 0)
+    sub = Subscriber(broker, ["citynode-ha/status"])
+    a = MqttSink(broker.url, ha_prefix="homeassistant", timeout=5, client_id="receiver-a")
+    b = MqttSink(broker.url, ha_prefix="homeassistant", timeout=5, client_id="receiver-b")
+    try:
+        a.deliver(ROWS[:1])
+        b.deliver(ROWS[1:2])
+        a._client.socket().shutdown(socket.SHUT_RDWR)  # receiver a dies
+        wait_until(lambda: statuses(sub)[-1:] == [("offline", False)], what="a's last will")
+        b.deliver(ROWS[2:3])
+        wait_until(lambda: statuses(sub)[-1:] == [("online", False)], what="b: online")
+    finally:
+        a.close()
+        b.close()
+        sub.close()
 
 
 def test_sink_prefix_from_url(broker):
