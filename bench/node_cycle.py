@@ -5,7 +5,9 @@ host folder (its flash wear is bench/flash_wear.py's), the frame encoder) for ma
 inside one MicroPython process with
 the node's heap, and prints, per stage: bytes allocated (gc.mem_alloc with the GC paused) and
 microseconds of CPU. Then the heap the whole node needs: it boots the real firmware in the
-fleet simulator at decreasing heap sizes.
+fleet simulator at decreasing heap sizes; and the same for a node whose uplink is MQTT
+(firmware/mqtt_link.py over micropython-lib's umqtt.simple, vendored in ../shared, publishing to
+a real mosquitto on loopback, a small host peer acking each frame).
 
     .venv/bin/python bench/node_cycle.py
 
@@ -14,10 +16,15 @@ and a 32-bit port's objects are smaller (pointers are 4 bytes, not 8).
 """
 
 import json
+import os
+import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +175,85 @@ def ten_thousand_cycles(heap, cycles=10000):
     return resets, stored, free
 
 
+UMQTT = ROOT.parent / "shared/vendor/micropython-lib/micropython/umqtt.simple/umqtt/simple.py"
+
+
+def _mosquitto(tmp):
+    """A real mosquitto on a free loopback port: (process, port), or None if not installed."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.access(binary, os.X_OK):
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = Path(tmp) / "mosquitto.conf"
+    conf.write_text("listener %d 127.0.0.1\nallow_anonymous true\n" % port)
+    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("mosquitto did not start")
+
+
+def mqtt_day(heap, cycles=1440):
+    """The real node with uplink mqtt://, a simulated day in `heap`: (resets, readings acked,
+    free heap in its status frames at boot and every 120 cycles); None without a broker."""
+    import paho.mqtt.client as paho
+
+    rows = weather.generate(1782864000, 60, cycles, seed=0)
+    key = bytes(range(16))
+    free, acked = [], set()
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = _mosquitto(tmp)
+        if broker is None or not UMQTT.exists():
+            return None
+        build_dir = Path(tmp) / "build"  # the node's /lib: ours, and umqtt as mip installs it
+        (build_dir / "umqtt").mkdir(parents=True)
+        subprocess.run(
+            [build.tool("mpy-cross"), "-s", "umqtt/simple.py", "-o"]
+            + [str(build_dir / "umqtt" / "simple.mpy"), str(UMQTT)],
+            check=True,
+        )
+        config = {"uplink": "mqtt://127.0.0.1:%d" % broker[1], "status_every": 120}
+        spec = NodeSpec(16, key, rows, 60, 10, config)
+        fleet = Fleet(Path(tmp) / "fleet", [spec], receiver=None, heap=heap, build_dir=build_dir)
+        signer = frame.Signer(key)
+        ready = threading.Event()
+
+        def on_message(client, userdata, message):  # the host: verify, ack on the down topic
+            data = bytes(message.payload)
+            got = uplink.decode(data, signer)
+            if isinstance(got, uplink.Status):
+                free.append(got.fields[3])
+                ranges = []
+            else:
+                last = got.index + len(got.readings) - 1
+                acked.update(range(got.index, last + 1))
+                ranges = [(got.index, last)]
+            ack = uplink.encode_ack(signer, 16, int(fleet.clock()), ranges, echo=data[-4:])
+            client.publish("citynode/down/16", ack)
+
+        host = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        host.on_connect = lambda c, *a: (c.subscribe("citynode/up/+"), ready.set())
+        host.on_message = on_message
+        host.connect("127.0.0.1", broker[1])
+        host.loop_start()
+        try:
+            ready.wait(10)
+            resets = fleet.run(timeout_s=600)[0]["resets"]
+        except Exception as e:  # a node that keeps resetting: FleetError
+            resets = str(e)
+        finally:
+            host.loop_stop()
+            broker[0].terminate()
+            broker[0].wait()
+    return resets, len(acked), free
+
+
 def main():
     r = per_cycle(CYCLES)
     sends = CYCLES // 10
@@ -196,6 +282,17 @@ def main():
             "- %s: resets %s, readings stored %d of 10000, free heap in the status frames (boot,"
             " then every 1 000 cycles) %s, spread after boot %s bytes"
             % (heap, resets, stored, free, grow)
+        )
+    print("\n## MQTT node heap: a simulated day over a real mosquitto (firmware/mqtt_link.py)\n")
+    for kb in (68, 70, 72, 74, 76, 80):
+        run = mqtt_day("%dK" % kb)
+        if run is None:
+            print("- skipped: no mosquitto, or no vendored umqtt.simple at %s" % UMQTT)
+            break
+        resets, acked, free = run
+        print(
+            "- %dK: resets %s, readings acked %d of 1440, free heap in the status frames (boot,"
+            " then every 120 cycles) %s" % (kb, resets, acked, free)
         )
 
 

@@ -26,7 +26,7 @@ class SimulationEnded(Exception):
 class Board:
     """Board API used by the firmware (README "Boards"): NAME, BME280_ADDRESS, i2c(), ticks_ms(),
     sleep_ms(ms), idle_ms(ms) -> bool, network_up(), udp_socket(), uplink_address(),
-    wait_readable(sock, ms) -> bool."""
+    wait_readable(sock, ms) -> bool (a UDP socket of udp_socket() or a TCP connection)."""
 
     NAME = "sim"
     BME280_ADDRESS = 0x76
@@ -39,6 +39,7 @@ class Board:
         self._wdt_ms = 0
         self._fed_ms = 0
         self._addr_cache = {}
+        self._udp = None  # the socket udp_socket() made: in lockstep the simulator feeds it
         self._virtual_ms = 0
         self._control = None
         self.deep = raw.get("idle") == "deep"  # boards/hw.py's deep sleep: boards/sim_deep.py
@@ -183,6 +184,7 @@ class Board:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind(socket.getaddrinfo("0.0.0.0", 0)[0][-1])
         s.setblocking(False)
+        self._udp = s
         return s
 
     def uplink_address(self, host_port):
@@ -193,13 +195,23 @@ class Board:
         return addr
 
     def wait_readable(self, sock, timeout_ms):
+        start = None
         if self._control is not None:
-            # Let the simulator deliver what the host sent, then look without blocking.
-            self._wait(b"R %d" % timeout_ms)
-            timeout_ms = 0
+            if sock is self._udp or not isinstance(sock, socket.socket):
+                # Let the simulator deliver what the host sent (on the UDP socket, or the
+                # console of a USB gateway), then look without blocking.
+                self._wait(b"R %d" % timeout_ms)
+                timeout_ms = 0
+            else:
+                # A connection to a server outside the simulation (an MQTT broker): it answers
+                # in real time, so wait in real time, then move the simulated clock on as much.
+                start = time.ticks_ms()
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        return bool(poller.poll(timeout_ms))
+        ready = bool(poller.poll(timeout_ms))
+        if start is not None:
+            self.sleep_ms(time.ticks_diff(time.ticks_ms(), start))
+        return ready
 
 
 class _BridgedI2C:

@@ -10,7 +10,7 @@ except ImportError:  # pragma: no cover
 
 PATH = "config.json"
 ROLES = ("node", "gateway")
-LINKS = ("udp", "lora")
+LINKS = ("udp", "lora", "mqtt")  # "mqtt" is also implied by an "mqtt://" uplink
 
 
 class ConfigError(Exception):
@@ -32,8 +32,8 @@ class Config:
     ack_timeout_ms = 2000
     status_every = 60
     wdt_ms = 30000
-    uplink = None  # type: object  # (host, port); None on LoRa; "serial" for a USB gateway
-    link = "udp"
+    uplink = None  # type: object  # (host, port) of the host or broker; None on LoRa; "serial"
+    link = "udp"  # "udp", "lora" or "mqtt"
     lora = {}  # type: dict
     airtime_budget_ms = None
 
@@ -75,11 +75,56 @@ def parse(raw):
     if uplink == "serial" and c.role == "gateway":
         c.uplink = "serial"  # gwlink messages on the USB serial console (GATEWAY.md)
         return c
+    if "://" in uplink or c.link == "mqtt":
+        c.uplink = _mqtt_uplink(raw, c, uplink)
+        c.link = "mqtt"
+        return c
     host, _, port = uplink.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError("config: uplink must be 'host:port', got %r" % uplink)
+        raise ConfigError(
+            "config: uplink must be 'host:port' or 'mqtt://host:port', got %r" % uplink
+        )
     c.uplink = (host, int(port))
     return c
+
+
+def _mqtt_uplink(raw, c, uplink):
+    """(host, port) of the MQTT broker in "mqtt://host[:port]" (port 1883 by default)."""
+    scheme, _, rest = uplink.partition("://")
+    if c.role == "gateway":
+        raise ConfigError(
+            "config: MQTT is for nodes: a gateway's uplink must be 'host:port' or 'serial', "
+            "got %r" % uplink
+        )
+    if scheme == "mqtts":
+        raise ConfigError("config: uplink %r: TLS (mqtts://) is not supported on a node" % uplink)
+    if scheme != "mqtt":
+        if c.link == "mqtt":
+            raise ConfigError(
+                "config: link 'mqtt' needs uplink 'mqtt://host:port', got %r" % uplink
+            )
+        raise ConfigError(
+            "config: uplink must be 'host:port' or 'mqtt://host:port', got %r" % uplink
+        )
+    if "link" in raw and c.link != "mqtt":
+        raise ConfigError(
+            "config: uplink %r is an MQTT broker but link is %r (leave link out)"
+            % (uplink, c.link)
+        )
+    if "@" in rest:
+        raise ConfigError("config: uplink %r: no user name or password on a node" % uplink)
+    if "/" in rest:
+        raise ConfigError(
+            "config: uplink %r: no topic (a node publishes to citynode/up/<node_id>)" % uplink
+        )
+    host, colon, port = rest.rpartition(":")
+    if not colon:
+        host, port = rest, "1883"
+    if not host:
+        raise ConfigError("config: uplink %r has no host" % uplink)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("config: uplink %r: port must be 1..65535" % uplink)
+    return (host, int(port))
 
 
 def _missing(name):

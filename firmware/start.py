@@ -80,6 +80,10 @@ def _build(cfg, board, log, boot_no, cause, wake):
 
         governor = Governor(board.ticks_ms, daily_budget_ms=cfg.airtime_budget_ms)
         link = LoraLink(board, cfg.lora, log, governor)  # type: object
+    elif cfg.link == "mqtt":
+        from firmware.mqtt_link import MqttLink
+
+        link = MqttLink(board, cfg.uplink, cfg.node_id, cfg.interval_s * cfg.batch, log)
     else:
         from firmware.links import UdpLink
 

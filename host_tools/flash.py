@@ -54,6 +54,10 @@ RAW_REPL = b"raw REPL; CTRL-B to exit\r\n>"
 PLATFORMS = {None: "linux", "xtensawin": "esp32", "armv6m": "rp2"}
 MAX_NODE_ID = 0xFFFFFFFF
 _STEP_TIMEOUT_S = 120.0
+# A node with an "mqtt://" uplink needs micropython-lib's MQTT client. ESP32 firmware has it
+# frozen in (and a /lib copy would be shadowed by the frozen one): installed everywhere else.
+MQTT_PACKAGE = "umqtt.simple"
+UMQTT_FROZEN = ("esp32",)  # sys.platform of the ports that freeze it
 
 _LOG_LINE = re.compile(r"([DIWE]) (\d+\.\d+) (\w+) (.*)$")
 _FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
@@ -503,6 +507,9 @@ class Flasher:
         self.reflash = reflash
         self.mip_index = mip_index
         self.packages = tuple(board.mip_packages) + tuple(extra_packages)
+        if uplink.startswith("mqtt://") and board.platform not in UMQTT_FROZEN:
+            if MQTT_PACKAGE not in self.packages:
+                self.packages += (MQTT_PACKAGE,)  # firmware/mqtt_link.py
         self.boot_timeout = boot_timeout
         self.progress = progress or (lambda index, text: None)
         self.root = Path(root)
