@@ -24,8 +24,52 @@ COMMANDS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, `citynode: <command>: <what>`, exit status 2
+    (argparse's own prints the usage, then the error on a line of its own). Subcommands'
+    parsers are of this class too (add_subparsers makes them of its parser's class)."""
+
+    def error(self, message):
+        command = self.prog.split(None, 1)[1:]  # "citynode keys add" -> ["keys add"]
+        where = command[0] + ": " if command else ""
+        message = " ".join(message.split())  # one line, whatever a type's message holds
+        self.exit(2, "citynode: %s%s (see %s --help)\n" % (where, message, self.prog))
+
+    # Words no parser knows are reported by the outermost one; they are named here by the
+    # innermost parser that was left with them (`citynode keys add 3 --x` -> "keys add: ...").
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and getattr(namespace, "_left_with", None) is None:
+            namespace._left_with = self
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        owner = vars(namespace).pop("_left_with", None) or self
+        if extras:
+            owner.error("unrecognized arguments: %s" % " ".join(extras))
+        return namespace
+
+
+class _Version(argparse.Action):
+    """--version: citynode's one version, FW_VERSION in firmware/__init__.py (the package's
+    version is read from it too: pyproject.toml). Looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=default, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from host_tools.flash import firmware_version
+
+        print("citynode %s" % firmware_version())  # on stdout, as argparse's own version
+        parser.exit()
+
+
 def build_parser(argv=None):
-    parser = argparse.ArgumentParser(prog="citynode", description="citynode host tools")
+    parser = ArgumentParser(prog="citynode", description="citynode host tools")
+    parser.add_argument(
+        "--version", action=_Version, help="print the version (host tools and firmware) and exit"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
     for name, (module_name, help_text) in COMMANDS.items():

@@ -5,11 +5,13 @@ import bisect
 import json
 import logging
 import math
+import os
 import random
 import secrets
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,10 @@ from host_tools.sinks import SqliteSink
 KOPER_START = 1782864000  # 2026-07-01T00:00:00Z: a summer day on the coast
 QUANTITIES = ("temperature_c", "humidity_pct", "pressure_hpa")
 TS_TOLERANCE_S = 2.0  # a stored reading is "this row" if its timestamp is within this
+# Every node's rows are in memory (about 170 bytes a reading) before the run, and the simulator
+# runs about 1 000 readings a wall second: 2 million is some 350 MB and half an hour.
+MAX_READINGS = 2_000_000
+PROGRESS_EVERY_S = 5.0  # wall time between progress lines on stderr
 
 
 class DemoError(Exception):
@@ -43,19 +49,131 @@ def world_rows(args, node_index):
     return weather.generate(KOPER_START, args.interval, count, seed=args.seed * 1000 + node_index)
 
 
-def run(args, workdir):
+def check_args(args):
+    """What the options say together, and the files they name: DemoError with one line
+    before anything runs (each option's own range is checked by its parser)."""
     if args.nodes < 1:
-        raise DemoError("--nodes must be at least 1")
+        raise DemoError("--nodes: must be at least 1, got %d" % args.nodes)
     if args.batch < 1 or args.batch > 64:
-        raise DemoError("--batch must be 1..64")
-    if getattr(args, "link", "udp") == "lora" and not 1 <= args.gateways <= 16:
-        raise DemoError("--gateways must be 1..16")
-    specs = []
+        raise DemoError("--batch: must be 1..64, got %d" % args.batch)
     lora = getattr(args, "link", "udp") == "lora"
+    if lora and not 1 <= args.gateways <= 16:
+        raise DemoError("--gateways: must be 1..16, got %d" % args.gateways)
     if lora and getattr(args, "idle", "light") == "deep":
         raise DemoError(
             "--idle deep is for Wi-Fi nodes (a LoRa node's airtime account would not survive it)"
         )
+    budget = getattr(args, "airtime_budget", None)
+    if budget is not None and not 0.001 <= budget <= 86400:  # the node's config: 1..86400000 ms
+        raise DemoError("--airtime-budget: must be 0.001..86400 s a day, got %g" % budget)
+    if not args.hours > 0 or not math.isfinite(args.hours):
+        raise DemoError("--hours: must be more than 0, got %s" % args.hours)
+    if not args.trace and args.interval < 1:
+        raise DemoError("--interval: must be at least 1 s, got %d" % args.interval)
+    per_node = _trace_rows(args) if args.trace else max(1, int(args.hours * 3600) // args.interval)
+    if per_node * args.nodes > MAX_READINGS:
+        raise DemoError(
+            "%d nodes x %d readings each is %d; the demo simulates at most %d readings "
+            "(fewer --nodes or --hours%s)"
+            % (
+                args.nodes,
+                per_node,
+                per_node * args.nodes,
+                MAX_READINGS,
+                "" if args.trace else ", or a longer --interval",
+            )
+        )
+    _check_output("--db", Path(args.db), directory=False)
+    if getattr(args, "workdir", None):
+        _check_output("--workdir", Path(args.workdir), directory=True)
+
+
+def _trace_rows(args):
+    """The rows of the trace a node replays in --hours; DemoError if the file is not a trace."""
+    path = Path(args.trace)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DemoError("--trace %s: cannot read: %s" % (args.trace, e.strerror)) from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DemoError(
+            "--trace: %s line %d: not UTF-8 text (byte 0x%02x); a trace is a CSV file with the "
+            "header %s" % (path.name, line, data[e.start], weather.HEADER)
+        ) from None
+    try:
+        rows = weather.read_trace(path)
+    except ValueError as e:
+        raise DemoError("--trace: %s" % e) from None
+    if not rows:
+        raise DemoError("--trace: %s has no rows" % path.name)
+    end = rows[0][0] + int(args.hours * 3600)
+    return sum(1 for r in rows if r[0] < end)
+
+
+def _check_output(option, path, directory):
+    """path can be written: a folder (directory=True) that is there or can be made, or a
+    file that is not a folder, in a folder that is there."""
+    if directory:
+        if path.exists() and not path.is_dir():
+            raise DemoError("%s %s: exists and is not a directory" % (option, path))
+        there = path
+        while not there.exists():  # the nearest folder that is there; mkdir makes the rest
+            there = there.parent
+        if not there.is_dir():
+            raise DemoError("%s %s: %s is not a directory" % (option, path, there))
+        if not os.access(there, os.W_OK | os.X_OK):
+            raise DemoError("%s %s: %s is not writable" % (option, path, there))
+        return
+    if path.is_dir():
+        raise DemoError("%s %s: is a directory" % (option, path))
+    folder = path.parent
+    if not folder.is_dir():
+        raise DemoError("%s %s: no such directory %s" % (option, path, folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DemoError("%s %s: directory %s is not writable" % (option, path, folder))
+
+
+class Progress:
+    """While the fleet runs, a line on stderr every PROGRESS_EVERY_S of wall time: how far the
+    simulation is and what is stored. A thread of its own, so a quiet stretch (nodes in deep
+    sleep, or deferring their frames) still shows; it only reads the fleet's clock and the
+    receiver's counters."""
+
+    def __init__(self, fleet, receiver, sensors, stream=None, every_s=PROGRESS_EVERY_S):
+        self.fleet = fleet
+        self.receiver = receiver
+        self.start_s = min(s.rows[0][0] for s in sensors)
+        self.hours = max(s.rows[-1][0] - s.rows[0][0] for s in sensors) / 3600
+        self.stream = stream or sys.stderr
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-progress", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            done = min(self.hours, max(0.0, (self.fleet.clock() - self.start_s) / 3600))
+            stored = self.receiver.counters.get("readings_accepted", 0)
+            self.stream.write(
+                "citynode demo: %.1f of %.1f simulated hours, %d readings stored\n"
+                % (done, self.hours, stored)
+            )
+            self.stream.flush()
+
+
+def run(args, workdir):
+    specs = []
+    lora = getattr(args, "link", "udp") == "lora"
     rng = random.Random(args.seed)
     for i in range(args.nodes):
         rows = world_rows(args, i)
@@ -98,7 +216,8 @@ def run(args, workdir):
     fleet.receiver = receiver
     t0 = time.monotonic()
     try:
-        results = fleet.run()
+        with Progress(fleet, receiver, sensors):
+            results = fleet.run()
     finally:
         sink.close()
     elapsed = time.monotonic() - t0
@@ -238,6 +357,7 @@ def render(summary):
 
 
 def main(args):
+    check_args(args)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     keep = getattr(args, "workdir", None)
     if keep:

@@ -537,13 +537,18 @@ class Backoff:
 
 
 def open_serial(url, baudrate, timeout):
-    """Any pyserial URL (a device path, socket://, loop://, spy://, rfc2217://)."""
+    """Any pyserial URL (a device path, socket://, loop://, spy://, rfc2217://), held
+    exclusively: pyserial locks a device with flock() as mpremote and `citynode flash` do, so
+    whichever program comes second is refused at once (port_busy()) instead of the two
+    reading each other's bytes (mpremote would wait for its answers for ever)."""
     import serial
 
     # pyserial's defaults assert DTR and RTS, which keeps an ESP32 dev board's auto-reset
     # circuit idle (it resets or straps IO0 only when the two differ) and lets a Pico's USB
     # CDC console send (MicroPython holds output until the host sets DTR).
-    port = serial.serial_for_url(url, baudrate=baudrate, timeout=timeout, do_not_open=True)
+    port = serial.serial_for_url(
+        url, baudrate=baudrate, timeout=timeout, exclusive=True, do_not_open=True
+    )
     # open() ends with reset_input_buffer(), which throws away what arrived before it returned:
     # a board's first lines after a replug, or what a socket:// server sent on connecting.
     # A monitor wants every byte, so that one call is skipped (posix spells it with a _).
@@ -562,6 +567,20 @@ def _keep_input():
     pass
 
 
+def port_busy(e):
+    """Whether a failure to open a port means another program has it: its exclusive lock
+    (EWOULDBLOCK), a tty in exclusive mode (TIOCEXCL: EBUSY), Windows' sharing violation."""
+    import errno
+
+    if getattr(e, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY):
+        return True
+    text = str(e)
+    return "exclusively lock" in text or "Access is denied" in text
+
+
+BUSY = "port is busy (close mpremote, screen, Thonny or the other program that has it open)"
+
+
 def _describe(e):
     """The reason in a pyserial error, without its repetitions ("could not open port X:
     [Errno 2] No such file or directory: 'X'" -> "No such file or directory")."""
@@ -575,7 +594,9 @@ def _describe(e):
     elif code is None and cause is not None and cause.args and isinstance(cause.args[0], int):
         code = cause.args[0]  # termios.error is (errno, message) but not an OSError
     text = os.strerror(code) if code else (str(e) or type(e).__name__)
-    if code == errno.ENOTTY:
+    if port_busy(e):
+        text = "busy: another program has it open"
+    elif code == errno.ENOTTY:
         text = "not a serial port (%s)" % text
     elif code == errno.EACCES:
         text += " (on Linux: add yourself to the dialout group, then log in again)"
@@ -616,6 +637,11 @@ def follow(
                 except ValueError as e:  # a malformed URL or setting: waiting will not help
                     raise PortError("cannot open %s: %s" % (url, e)) from None
                 except (serial.SerialException, OSError) as e:
+                    if not opened_once and port_busy(e):
+                        # Another program has it: waiting (--wait is for a board not yet
+                        # plugged in) would only sit beside it. Once followed, a port taken
+                        # while it was away is waited for like one that is gone.
+                        raise PortError("%s: %s" % (url, BUSY)) from None
                     if not opened_once and not wait:
                         raise PortError("cannot open %s: %s" % (url, _describe(e))) from None
                     now = monotonic()

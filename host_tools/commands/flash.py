@@ -83,8 +83,22 @@ def add_arguments(p):
 
 
 def _check_options(args):
-    if not 0 <= args.node_id <= flash.MAX_NODE_ID - (len(args.ports) - 1):
+    if not 0 <= args.node_id <= flash.MAX_NODE_ID:
         raise CliError("--node-id: must be 0..%d, got %d" % (flash.MAX_NODE_ID, args.node_id))
+    last = args.node_id + len(args.ports) - 1  # the ports get N, N+1, ...
+    if last > flash.MAX_NODE_ID:
+        first_over = flash.MAX_NODE_ID + 1 - args.node_id  # the index of the first port over
+        raise CliError(
+            "--node-id %d: port %d of %d (%s) would get node id %d, out of range 0..%d"
+            % (
+                args.node_id,
+                first_over + 1,
+                len(args.ports),
+                args.ports[first_over],
+                flash.MAX_NODE_ID + 1,
+                flash.MAX_NODE_ID,
+            )
+        )
     if not 1 <= args.interval <= 86400:
         raise CliError("--interval: must be 1..86400 seconds, got %d" % args.interval)
     if not 1 <= args.batch <= 64:
@@ -128,7 +142,7 @@ def _check_port(port):
         ser = flash.open_serial(port)
     except (serial.SerialException, OSError) as e:
         text = str(e)
-        if "exclusively lock" in text or "Resource temporarily unavailable" in text:
+        if flash.port_busy(e):
             raise CliError(
                 "%s: port is busy (close mpremote, screen, Thonny or the other program "
                 "that has it open)" % port
