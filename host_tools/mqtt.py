@@ -426,6 +426,7 @@ class MqttSource:
         self.counters = collections.Counter()
         self.connected = threading.Event()
         self._client = None
+        self._in_flight = collections.deque(maxlen=_IN_FLIGHT)  # acks handed to paho
 
     def start(self, intake):
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id)
@@ -463,6 +464,7 @@ class MqttSource:
 
             def reply(ack):
                 info = client.publish(ack_topic, ack, qos=1)
+                self._in_flight.append(info)
                 if info.rc != paho.MQTT_ERR_SUCCESS:
                     raise OSError(
                         "mqtt publish to %s: %s" % (ack_topic, paho.error_string(info.rc))
@@ -485,11 +487,37 @@ class MqttSource:
     def stop(self):
         client, self._client = self._client, None
         if client is not None:
+            wait_published(self._in_flight, ACK_DRAIN_S)  # the last acks out first
             client.disconnect()
             client.loop_stop()
 
 
 # --- nodes publishing their own frames ---------------------------------------------------
+
+ACK_DRAIN_S = 3.0  # how long stop() waits for acks handed to paho to reach the broker
+_IN_FLIGHT = 4096  # acks remembered for that wait (older ones are long gone)
+
+
+def wait_published(infos, timeout):
+    """Wait until every QoS 1 publish in infos (paho MQTTMessageInfo) reached the broker, at
+    most timeout seconds in all; returns how many did not."""
+    deadline = time.monotonic() + timeout
+    left = 0
+    for info in list(infos):
+        remaining = deadline - time.monotonic()
+        if info.rc != paho.MQTT_ERR_SUCCESS or info.is_published():
+            continue
+        if remaining <= 0:
+            left += 1
+            continue
+        try:
+            info.wait_for_publish(remaining)
+        except (RuntimeError, ValueError):  # paho: the publish was refused or the queue is gone
+            pass
+        if not info.is_published():
+            left += 1
+    return left
+
 
 UP_TOPIC = "citynode/up/"  # + node id: the node's frames
 DOWN_TOPIC = "citynode/down/"  # + node id: the host's acks to it
@@ -595,6 +623,7 @@ class MqttUplinkSource:
         self._refused = False
         self._stopping = False
         self._client = None
+        self._in_flight = collections.deque(maxlen=_IN_FLIGHT)  # acks handed to paho
 
     def _enter(self, state, level, msg, *args):
         """Log msg if the connection changes state: a broker down for an hour is one line."""
@@ -756,6 +785,7 @@ class MqttUplinkSource:
         if client is None or not self.connected.is_set():
             raise OSError("%s: not connected, ack to %s not sent" % (self.name, topic))
         info = client.publish(topic, ack, qos=1)
+        self._in_flight.append(info)
         if info.rc == paho.MQTT_ERR_NO_CONN:  # lost just now: paho sends it on reconnecting
             return
         if info.rc != paho.MQTT_ERR_SUCCESS:
@@ -765,6 +795,9 @@ class MqttUplinkSource:
         client, self._client = self._client, None
         if client is None:
             return
+        # The last batch's acks were handed to paho, not yet to the broker: let them go out
+        # (bounded) before disconnecting, or the nodes send those readings again for nothing.
+        wait_published(self._in_flight, ACK_DRAIN_S)
         self._stopping = True
         self.connected.clear()
         client.disconnect()

@@ -279,8 +279,11 @@ def test_a_busy_port(sim, keys):
 def test_bad_options(tools, keys, tmp_path):
     port = str(tmp_path / "p")
     cases = [
-        (["--uplink", "nowhere"], "citynode: --uplink: expected HOST:PORT (port 1..65535), got "
-         "'nowhere'"),
+        (
+            ["--uplink", "nowhere"],
+            "citynode: --uplink: expected HOST:PORT or mqtt://HOST[:PORT] (port 1..65535), "
+            "got 'nowhere'",
+        ),
         (["--interval", "0"], "citynode: --interval: must be 1..86400 seconds, got 0"),
         (["--batch", "65"], "citynode: --batch: must be 1..64 readings, got 65"),
         (["--wifi-ssid", "city"], "citynode: board sim has no Wi-Fi: leave out --wifi-ssid"),

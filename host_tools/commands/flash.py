@@ -29,7 +29,10 @@ def add_arguments(p):
         help="node id of the first board; further ports get N+1, N+2, ...",
     )
     p.add_argument(
-        "--uplink", required=True, metavar="HOST:PORT", help="where the node sends its frames"
+        "--uplink",
+        required=True,
+        metavar="HOST:PORT|mqtt://HOST[:PORT]",
+        help="where the node sends its frames: a host's UDP port, or an MQTT broker (Wi-Fi nodes)",
     )
     p.add_argument(
         "--keys",
@@ -105,9 +108,23 @@ def _check_options(args):
         raise CliError("--batch: must be 1..64 readings, got %d" % args.batch)
     if not args.boot_timeout > 0:
         raise CliError("--boot-timeout: must be more than 0 seconds")
-    host, sep, port = args.uplink.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CliError("--uplink: expected HOST:PORT (port 1..65535), got %r" % args.uplink)
+    if args.uplink.startswith("mqtt://"):
+        host, sep, port = args.uplink[len("mqtt://") :].rpartition(":")
+        if not sep:  # mqtt://HOST: the MQTT port
+            host, port = port, "1883"
+        if not host or "/" in host or "@" in host or not port.isdigit():
+            raise CliError(
+                "--uplink: expected mqtt://HOST[:PORT] (no user, no topic), got %r" % args.uplink
+            )
+    else:
+        host, sep, port = args.uplink.rpartition(":")
+        if not sep or not host:
+            port = ""
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(
+            "--uplink: expected HOST:PORT or mqtt://HOST[:PORT] (port 1..65535), got %r"
+            % args.uplink
+        )
     if len(set(args.ports)) != len(args.ports):
         raise CliError("a port is given twice")
 
