@@ -19,6 +19,7 @@ SCRIPTS = (
     "node_cycle.py",
     "mpy_sizes.py",
     "airtime.py",
+    "pg_speed.py",
 )
 
 
