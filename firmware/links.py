@@ -45,5 +45,9 @@ class UdpLink:
             return None
         try:
             return self.sock.recv(_ACK_MAX)
-        except OSError:
+        except OSError as e:
+            # ECONNREFUSED: the host answered "nothing listens on that port" to our datagram
+            # (a wrong uplink port, or the receiver not running): say so, not just "no ack"
+            if e.args and e.args[0] == 111:
+                self.log.warning("link", "nothing listens at the uplink", errno=111)
             return None

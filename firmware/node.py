@@ -274,6 +274,8 @@ class Node:
                 fw=FW_VERSION,
                 board=self.board.NAME,
                 link=self.link.NAME,
+                # where frames go: the first thing to check on a node that gets no acks
+                uplink="%s:%d" % self.cfg.uplink if self.cfg.uplink else "-",
                 boot=self.boot[0],
                 reset_cause=self.boot[1],
                 pending=len(self.journal),

@@ -112,6 +112,7 @@ def test_node_log_lines_are_greppable(tmp_path):
     assert lines[1].startswith("I 0.000 journal opened ")
     assert lines[2].startswith("I 0.000 node started ")
     assert "node=3" in lines[2] and "fw=" in lines[2] and "boot=1" in lines[2]
+    assert re.search(r" uplink=127\.0\.0\.1:\d+$", lines[2])  # where its frames go
     assert any(ln.startswith("I 0.011 link sent status ") for ln in lines[3:5])  # after a sample
     sent = [ln for ln in lines if " link sent frame " in ln]
     assert len(sent) == 3  # 10 + 10 + the 5 flushed when the simulated world ends
