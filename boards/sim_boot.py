@@ -2,11 +2,15 @@
 # board's littlefs image at "/", sets sys.path as a board does, gives `machine` a reset(), and runs
 # /boot.py and /main.py; then the unix port's own REPL (started with -i) takes the serial line.
 #
-# Run as `micropython -X heapsize=64K -i sim_boot.py IMAGE MODE [format]`: MODE "run" (power-on,
-# hard or soft reset from the friendly REPL: boot.py then main.py) or "raw" (soft reset from the
-# raw REPL: boot.py only, as a real board does). The last thing it writes is _DONE, which the
-# host strips from the serial stream: it marks where the board's own REPL begins; _UP, written
-# once the image is mounted, marks when the board may take input (and Ctrl-C).
+# Run as `micropython -X heapsize=64K -i sim_boot.py IMAGE MODE [format] [arm] [FAULT=S ...]`:
+# MODE "run" (power-on, hard or soft reset from the friendly REPL: boot.py then main.py) or "raw"
+# (soft reset from the raw REPL: boot.py only, as a real board does). FAULT=S (hang_at_s=30,
+# crash_at_s=60: `citynode sim-board --fault`) gives the sim board's node boards/sim_faults.py's
+# faults, as config "sim": {"faults"} does in the fleet simulator; "arm" (the first boot of a
+# sim-board run) forgets the faults that fired in an earlier run. The last thing it writes is
+# _DONE, which the host strips from the serial stream: it marks where the board's own REPL
+# begins; _UP, written once the image is mounted, marks when the board may take input (Ctrl-C);
+# _EXIT says a SystemExit (machine.reset(), sys.exit()) ended the script: restart me.
 
 import sys
 
@@ -25,6 +29,7 @@ _RESET_EXIT = const(3)  # exit status meaning "reset me" (boards/sim.py RESET_EX
 _BAD_IMAGE_EXIT = const(4)  # the image is not littlefs: the host refuses to start
 _UP = "\x00sim-up\x00"
 _DONE = "\x00sim-boot\x00"
+_EXIT = "\x00sim-exit %d\x00"  # a SystemExit ended boot.py or main.py: the host restarts the board
 
 
 class _ImageBlocks:
@@ -66,6 +71,38 @@ class _Machine:
         raise SystemExit(_RESET_EXIT)
 
 
+def _inject_faults(faults, arm):
+    """Give the sim board's node the faults of `citynode sim-board --fault`: its driver hangs
+    or raises once, at a time after boot (boards/sim_faults.py). In real time boards/sim.py
+    neither checks faults nor its watchdog, so the sim board is wrapped to check them."""
+    import os
+
+    if arm:  # the marker files of boards/sim_faults.py: each fault fires once per run
+        for name in ("sim_fault_hang", "sim_fault_crash"):
+            try:
+                os.remove(name)
+            except OSError:
+                pass
+    try:
+        from boards import sim
+        from boards.sim_faults import Faults
+    except ImportError:
+        return  # no sim node on this flash (not flashed, or another board): nothing to break
+    base = sim.Board
+
+    class Board(base):
+        def __init__(self, raw):
+            base.__init__(self, raw)
+            self._faults = Faults(faults)
+
+        def sleep_ms(self, ms):
+            base.sleep_ms(self, ms)  # in lockstep this checks the faults itself
+            if self._control is None:
+                self._faults.check(self)
+
+    sim.Board = Board  # what firmware/boot.py's load_board() builds
+
+
 def _mount(path, fresh):
     f = open(path, "r+b")
     f.seek(0, 2)
@@ -97,8 +134,19 @@ def _run_file(name):
         sys.print_exception(e)
 
 
+def _fault_options(opts):
+    """{"hang_at_s": 30} from ["hang_at_s=30"], as config "sim": {"faults"} has it."""
+    faults = {}
+    for opt in opts:
+        if "=" in opt:
+            name, value = opt.split("=")
+            faults[name] = int(value)
+    return faults
+
+
 try:
-    _mount(sys.argv[1], len(sys.argv) > 3 and sys.argv[3] == "format")
+    _opts = sys.argv[3:]
+    _mount(sys.argv[1], "format" in _opts)
     import os
 
     import machine
@@ -106,13 +154,24 @@ try:
     os.chdir("/")
     sys.path[:] = ["", ".frozen", "/lib"]  # as on the esp32 and rp2 ports
     sys.modules["machine"] = _Machine(machine)
-    del os, machine, _mount  # a board's REPL starts with an empty namespace
+    _faults = _fault_options(_opts)
+    _arm = "arm" in _opts
+    del os, machine, _mount, _fault_options, _opts  # a board's REPL starts with an empty namespace
     import gc
 
     gc.collect()
     sys.stdout.write(_UP)  # the host holds input back until here: Ctrl-C is safe now
     _run_file("boot.py")
+    if sys.argv[2] == "run" and _faults:
+        _inject_faults(_faults, _arm)
+    del _faults, _arm
     if sys.argv[2] == "run":
         _run_file("main.py")
+except SystemExit as e:
+    # machine.reset() (3) or sys.exit() in main.py: with -i the unix port would go on to its
+    # REPL, so the host ends the process on this marker and restarts the board as that exit.
+    _code = e.args[0] if e.args else 0
+    sys.stdout.write(_EXIT % (_code if isinstance(_code, int) else 1))
+    raise
 finally:
     sys.stdout.write(_DONE)

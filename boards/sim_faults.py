@@ -1,7 +1,9 @@
-# Fault injection for the simulated board (config "sim": {"faults": {...}}, simulated seconds):
-# a driver that hangs (the watchdog must reset the node) or raises (the crash handler must log
-# and reset). Each fault fires once per node: a marker file on its flash remembers it. Loaded
-# only by nodes that have faults configured.
+# Fault injection for the simulated board (config "sim": {"faults": {...}}, simulated seconds;
+# `citynode sim-board --fault`, real seconds): a driver that hangs (the watchdog must reset the
+# node) or raises (the crash handler must log and reset). Each fault fires once per node (once
+# per sim-board run): a marker file on its flash remembers it. Loaded only when configured.
+
+import time
 
 
 class Faults:
@@ -14,7 +16,11 @@ class Faults:
         if self._due(board, "hang", self._hang_at_ms):
             print("(sim: injected fault: the driver hangs)")
             while True:  # time passes, nobody feeds the watchdog
-                board._wait(b"S 1000")
+                if board._control is None:  # real time: nothing else checks the watchdog
+                    time.sleep_ms(100)
+                    board._check_wdt()
+                else:
+                    board._wait(b"S 1000")
         if self._due(board, "crash", self._crash_at_ms):
             raise RuntimeError("sim: injected fault in a driver")
 

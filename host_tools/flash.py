@@ -5,7 +5,9 @@
 # one soft-resets the board (stopping the firmware that runs), the others `resume`. Steps:
 #   inspect   read /.provisioning, /config.json, sys.platform: wrong board, half-flashed, same node
 #   prepare   write /.provisioning ("node=N step=..."), remove /main.py and the old /lib packages,
-#             then reset: a watchdog the old firmware started cannot be stopped any other way
+#             then reset: a watchdog the old firmware started cannot be stopped any other way.
+#             A board that was another node (or a revoked one) also loses that node's state:
+#             /journal, /seq.dat, /clock.dat (counting the pending readings it drops)
 #   copy      the build (host_tools/build.py, the board's ARCH) into /lib
 #   packages  `mpremote mip install` of the board's MIP_PACKAGES: the HOST fetches them from
 #             micropython-lib's index (or --mip-index), so it needs Internet; the board does not
@@ -16,6 +18,15 @@
 #   boot      over pyserial: raw REPL, machine.reset(), then the node's log until
 #             `I ... node started ... fw=X ... node=N`
 # A board that still has /.provisioning is half-flashed: `citynode flash` says so and finishes it.
+# A board found complete, as the same node with the registry's key and this very firmware and
+# config, is not flashed again ("already flashed, skipped"): re-running a run that failed half-way
+# leaves the finished boards (and their pending readings) alone.
+#
+# Identity: a reading is known by (node id, reading index), and the index lives in the board's
+# journal. A board that becomes another node id, or a revoked node given a new key, must not
+# send the old identity's readings as the new one, so that state is dropped, and only with
+# --reflash. The same node given its registry's current key (after `keys rotate`) keeps it: its
+# pending readings are its own, resent under the new key.
 #
 # Key order: the key reaches the registry before config.json reaches the board. A run cut short
 # between the two leaves a registry entry for a half-flashed board, which the next run (it finds
@@ -43,11 +54,23 @@ from pathlib import Path
 import serial
 
 from host_tools import build
-from host_tools.keys import KEY_BYTES, KeyFileError, load_keys, save_keys
+from host_tools.keys import (
+    KEY_BYTES,
+    KeyFileError,
+    key_id,
+    load_keys,
+    load_registry,
+    save_keys,
+    save_registry,
+)
 
 MARKER = "/.provisioning"
 LIB = "/lib"
 MAIN_PY = "from firmware import main\nmain.run()\n"
+# The node's own state on the board (firmware/journal.py, seq.py, clock.py; paths relative to
+# the board's root, where main.py runs): it belongs to one node id and goes when the id does.
+JOURNAL = "/journal"
+NODE_STATE = (JOURNAL, "/seq.dat", "/seq.dat.tmp", "/clock.dat", "/clock.dat.tmp")
 PACKAGES = build.PACKAGES  # what goes into /lib
 BOOT_TIMEOUT_S = 30.0
 RAW_REPL = b"raw REPL; CTRL-B to exit\r\n>"
@@ -334,16 +357,97 @@ def _mark(node_id, step):
     )
 
 
-def _prepare_script(node_id, dirs):
-    """Mark the board, remove the old firmware (never seq.dat or the journal: a node's sequence
-    numbers must not restart), create the directories the new one goes into."""
+# Readings stored in the journal and not acknowledged, from its files' names and sizes
+# (firmware/journal.py's layout: r<index> small files, s<index> segments, the state's position):
+# no record is read, nothing is written, and the firmware on the board is not needed (a
+# half-flashed board has none). Records are not CRC-checked: a torn one counts as pending.
+_PENDING = """
+import os, struct, binascii
+def _cn_pending(d):
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return 0
+    pos, gen, rec, s = 0, -1, 22, 0
+    for n in ('state0', 'state1'):
+        try:
+            with open(d + '/' + n, 'rb') as f:
+                b = f.read(24)
+        except OSError:
+            continue
+        if len(b) == 24 and b[:2] == b'CJ':
+            if struct.unpack_from('<I', b, 20)[0] == binascii.crc32(b[:20]) & 0xffffffff:
+                v = struct.unpack_from('<2sBBBBHIII', b)
+                if v[8] > gen:
+                    gen, rec, s, pos = v[8], v[2], v[5], v[6]
+    t = 128 // rec or 1
+    if not s:
+        s = t * max(1, 4084 // (t * rec))
+    spans = []
+    for n in names:
+        if len(n) != 9 or n[0] not in 'rs':
+            continue
+        try:
+            base = int(n[1:], 16)
+            size = os.stat(d + '/' + n)[6]
+        except (ValueError, OSError):
+            continue
+        if n[0] == 'r':
+            spans.append((base, base + size // rec))
+        else:
+            spans.append((base + s - max(0, size - 12) // rec, base + s))
+    n = 0
+    end = pos
+    for lo, hi in sorted(spans):
+        lo = max(lo, end)
+        if hi > lo:
+            n += hi - lo
+            end = hi
+    return n
+"""
+
+
+def _prepare_script(node_id, dirs, drop=False):
+    """Mark the board, remove the old firmware, create the directories the new one goes into.
+    The node's state (journal, seq.dat, clock.dat) stays: a node's reading indices and sequence
+    numbers must not restart. With drop (the board was another node), that state is removed
+    too, after printing how many readings were pending in it (CITYNODE-DROPPED n)."""
     old = ["/main.py"] + ["%s/%s" % (LIB, p) for p in PACKAGES]
+    script = _RM_TREE + _mark(node_id, "prepare")
+    if drop:
+        script += _PENDING + "print('CITYNODE-DROPPED', _cn_pending(%r))\n" % (JOURNAL,)
+        old = list(NODE_STATE) + old
     return (
-        _RM_TREE
-        + _mark(node_id, "prepare")
+        script
         + "for _p in %r:\n    _cn_rm(_p)\n" % (old,)
         + "for _p in %r:\n    _cn_mkdir(_p)\n" % (sorted(set(dirs) | {LIB}),)
     )
+
+
+def _hash_script(paths):
+    """Print the sha256 of each path on the board (None when missing) and the FW_VERSION of the
+    firmware in /lib (None when it does not import): CITYNODE-HASHES ({path: hex}, version)."""
+    return """
+import hashlib, binascii
+_cn_h = {}
+for _p in %r:
+    try:
+        _s = hashlib.sha256()
+        with open(_p, 'rb') as _f:
+            while True:
+                _b = _f.read(512)
+                if not _b:
+                    break
+                _s.update(_b)
+        _cn_h[_p] = binascii.hexlify(_s.digest()).decode()
+    except OSError:
+        _cn_h[_p] = None
+try:
+    from firmware import FW_VERSION as _cn_fw
+except Exception:
+    _cn_fw = None
+print('CITYNODE-HASHES', repr((_cn_h, _cn_fw)))
+""" % (sorted(paths),)
 
 
 def _verify_script(expected):
@@ -433,10 +537,14 @@ class Plan:
     key: bytes = None  # the registry's key to reuse; None = a new one
     registered: bytes = None  # the registry's key for node_id when the plan was made
     notes: list = field(default_factory=list)
+    drop_from: int = None  # the node id whose journal, seq.dat and clock.dat are dropped
+    reinstate: bool = False  # node_id is revoked: it comes back with a new key (--reflash)
+    skip: bool = False  # already flashed (same node, key, firmware, config): left as it is
 
 
-def admit(index, port, node_id, state, board, keys, keys_path, reflash):
-    """Decide whether this board may become node_id. Raises Refused with the reason."""
+def admit(index, port, node_id, state, board, keys, keys_path, reflash, revoked=()):
+    """Decide whether this board may become node_id (keys: the registry's active nodes, revoked:
+    the ids it has revoked). Raises Refused with the reason."""
     if state.platform != board.platform:
         raise Refused(
             "%s: the board runs MicroPython for %s, but board %s needs %s"
@@ -445,20 +553,40 @@ def admit(index, port, node_id, state, board, keys, keys_path, reflash):
         )
     plan = Plan(index, port, node_id, state, registered=keys.get(node_id))
     marker = state.marker
+    # A half-flashed board whose marker names node_id was admitted as node_id by an earlier run
+    # (with --reflash where that was needed): finishing it needs nothing more.
+    resumed = marker is not None and marker["node"] == node_id
     if marker is not None:
         plan.notes.append(
             "half-flashed (node %s, stopped at step %s): flashing it again"
             % (marker["node"], marker["step"])
         )
-    if state.node_id is not None and state.node_id != node_id and marker is None:
-        plan.notes.append(
-            "was node %d; its key stays in %s until you revoke it" % (state.node_id, keys_path)
-        )
+    if node_id in revoked and node_id not in keys:
+        if not reflash:
+            raise Refused(
+                "%s: node %d is revoked in %s; --reflash reinstates it with a new key (as "
+                "`citynode keys rotate %d --reinstate`)" % (port, node_id, keys_path, node_id)
+            )
+        plan.reinstate = True
+        plan.notes.append("node %d was revoked: reinstated with a new key (--reflash)" % node_id)
+        if state.node_id == node_id:
+            plan.drop_from = node_id  # readings kept under a revoked key are not sent
+    if state.node_id is not None and state.node_id != node_id:
+        if not reflash and not resumed:
+            raise Refused(
+                "%s: the board is node %d; making it node %d needs --reflash, which drops "
+                "node %d's pending readings, clock and sequence state"
+                % (port, state.node_id, node_id, state.node_id)
+            )
+        plan.drop_from = state.node_id
+        if marker is None:
+            plan.notes.append(
+                "was node %d; its key stays in %s until you revoke it" % (state.node_id, keys_path)
+            )
     if node_id not in keys:
         return plan
     claims = state.node_id == node_id
     same_board = claims and state.key == keys[node_id]
-    resumed = marker is not None and marker["node"] == node_id
     if same_board or resumed:
         plan.key = keys[node_id]  # this board has (or was being given) that very key
         if same_board and marker is None:
@@ -512,7 +640,8 @@ class Flasher:
             if MQTT_PACKAGE not in self.packages:
                 self.packages += (MQTT_PACKAGE,)  # firmware/mqtt_link.py
         self.boot_timeout = boot_timeout
-        self.progress = progress or (lambda index, text: None)
+        self.progress = progress or (lambda index, text, final=False: None)
+        self.extra_packages = tuple(extra_packages)
         self.root = Path(root)
         self.mpremote = mpremote
         self.fw_version = firmware_version(self.root)
@@ -534,6 +663,8 @@ class Flasher:
         plans, refusals, sessions, inspected = [], [], {}, []
         with registry(self.keys_path) as (keys, _save):
             keys = dict(keys)  # checked again under the lock when the key is saved (_key)
+            whole = load_registry(self.keys_path, private=False, missing_ok=True)
+            revoked = {n for n, entry in whole.nodes.items() if not entry.active}
         for i, port in enumerate(ports):
             node_id = first_id + i
             self.progress(i, "%s node %d: inspecting" % (port, node_id))
@@ -548,9 +679,12 @@ class Flasher:
                 continue
             inspected.append(port)
             try:
-                plans.append(
-                    admit(i, port, node_id, state, self.board, keys, self.keys_path, self.reflash)
-                )
+                plan = admit(
+                    i, port, node_id, state, self.board, keys, self.keys_path, self.reflash,
+                    revoked,
+                )  # fmt: skip
+                plan.skip = self._complete(mp, plan, keys)
+                plans.append(plan)
             except FlashError as e:
                 refusals.append(e)
         if refusals:
@@ -559,14 +693,53 @@ class Flasher:
                     sessions[port](["reset"], "resetting")
         return plans, refusals, sessions
 
+    def _complete(self, mp, plan, keys):
+        """Is the board already what this run would make it: not half-flashed, the same node
+        id with the registry's current key (compared by key id), the same config.json, and
+        the build's files (sha256) and FW_VERSION in /lib? Extra --package runs always flash:
+        what mip installed is not compared."""
+        state, node_id = plan.state, plan.node_id
+        if state.marker is not None or state.node_id != node_id or node_id not in keys:
+            return False
+        if plan.drop_from is not None or plan.reinstate or self.extra_packages:
+            return False
+        if state.key is None or key_id(state.key) != key_id(keys[node_id]):
+            return False
+        if state.config_text != self._config(node_id, keys[node_id]):
+            return False
+        expected = self._expected(self._config(node_id, keys[node_id]))
+        hashes, version = _tagged(
+            mp.exec(_hash_script(expected), "comparing the firmware"), "CITYNODE-HASHES"
+        )
+        return version == self.fw_version and hashes == expected
+
+    def _config(self, node_id, key):
+        return node_config(
+            node_id, key, self.board, self.uplink, self.interval_s, self.batch, self.wifi,
+            self.idle,
+        )  # fmt: skip
+
+    def _expected(self, config):
+        """{remote path: sha256} of every file a flash writes."""
+        expected = {remote: _sha256(local.read_bytes()) for local, remote in self.files}
+        expected["/main.py"] = _sha256(MAIN_PY.encode())
+        expected["/config.json"] = _sha256(config.encode())
+        return expected
+
+    def restart(self, plan):
+        """Start a skipped board's node again (inspecting stopped it) and read its boot line."""
+        started = time.monotonic()
+        line = confirm_boot(plan.port, plan.node_id, self.fw_version, self.boot_timeout)
+        return time.monotonic() - started, line
+
     # -- flashing one board -----------------------------------------------------------------
 
     def flash(self, plan, mp):
         started = time.monotonic()
         node_id, port = plan.node_id, plan.port
 
-        def say(text):
-            self.progress(plan.index, "%s node %d: %s" % (port, node_id, text))
+        def say(text, final=False):
+            self.progress(plan.index, "%s node %d: %s" % (port, node_id, text), final=final)
 
         for note in plan.notes:
             say(note)
@@ -578,7 +751,20 @@ class Flasher:
         try:
             say("preparing (marking the board half-flashed)")
             dirs = [remote.rsplit("/", 1)[0] for _, remote in files]
-            mp.exec(_prepare_script(node_id, dirs), "preparing")
+            drop = plan.drop_from is not None
+            out = mp.exec(_prepare_script(node_id, dirs, drop), "preparing")
+            if drop:
+                n = _tagged(out, "CITYNODE-DROPPED")
+                was = "node %d" % plan.drop_from
+                if plan.drop_from == node_id:  # reinstated: a new key, not the revoked one
+                    was, sent_as = "revoked node %d" % node_id, "under the new key"
+                else:
+                    sent_as = "as node %d" % node_id
+                say(
+                    "board was %s; its %d pending readings were dropped (not sent %s)"
+                    % (was, n, sent_as),
+                    final=True,
+                )
             # A watchdog the old firmware started cannot be stopped (machine.WDT): it would
             # reset the board in the middle of the copy. A reset without /main.py ends it.
             say("restarting the board without its old firmware")
@@ -592,16 +778,7 @@ class Flasher:
                 mp(args + [package], "installing package %s" % package, timeout=300)
             key = self._key(plan, say)
             say("writing config.json and main.py")
-            config = node_config(
-                node_id,
-                key,
-                self.board,
-                self.uplink,
-                self.interval_s,
-                self.batch,
-                self.wifi,
-                self.idle,
-            )
+            config = self._config(node_id, key)
             with tempfile.TemporaryDirectory(prefix="citynode-flash-") as tmp:
                 cfg_path, main_path = Path(tmp) / "config.json", Path(tmp) / "main.py"
                 cfg_path.write_text(config)
@@ -610,9 +787,7 @@ class Flasher:
                 args += [str(main_path), ":/main.py", "+", "fs", "cp", "-f", str(cfg_path)]
                 mp(args + [":/config.json"], "writing config.json")
             say("verifying %d files" % (len(files) + 2))
-            expected = {remote: _sha256(local.read_bytes()) for local, remote in files}
-            expected["/main.py"] = _sha256(MAIN_PY.encode())
-            expected["/config.json"] = _sha256(config.encode())
+            expected = self._expected(config)
             bad = _tagged(mp.exec(_verify_script(expected), "verifying"), "CITYNODE-VERIFY")
             if bad:
                 raise FlashError(
@@ -679,12 +854,33 @@ class Flasher:
                     "%s: the entry of node %d in %s changed while flashing (another citynode "
                     "run?)" % (plan.port, plan.node_id, self.keys_path)
                 )
+            if plan.reinstate:
+                return self._reinstate(plan, say)
             key = plan.key if plan.key is not None else secrets.token_bytes(KEY_BYTES)
             if key != current:
                 keys[plan.node_id] = key
                 say("saving the key in %s" % self.keys_path)
                 save()
             return key
+
+    def _reinstate(self, plan, say):
+        """A revoked node back with a new key, as `citynode keys rotate N --reinstate` does
+        (rotation time set, no grace for the revoked key; the file kept as keys.json.bak).
+        Called under the registry's lock."""
+        whole = load_registry(self.keys_path, private=False)
+        entry = whole.nodes.get(plan.node_id)
+        if entry is None or entry.active:
+            raise FlashError(
+                "%s: the entry of node %d in %s changed while flashing (another citynode "
+                "run?)" % (plan.port, plan.node_id, self.keys_path)
+            )
+        now = time.time()
+        entry.rotate(secrets.token_bytes(KEY_BYTES), now, 0)
+        entry.rotated = now
+        entry.revoked = None
+        say("reinstating node %d with a new key in %s" % (plan.node_id, self.keys_path))
+        save_registry(self.keys_path, whole, now=now)
+        return entry.key
 
 
 def _sha256(data):

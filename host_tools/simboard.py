@@ -13,6 +13,9 @@
 #     "MPY: soft reboot\r\n", then boot.py, then main.py when the REPL was the friendly one, or
 #     straight back to the raw REPL when it was the raw one (what mpremote waits for);
 #   - killed by a signal: a power cycle.
+# A SystemExit in boot.py or main.py (machine.reset(), a crash or the watchdog in boards/sim.py)
+# would take the unix port to its REPL (-i): sim_boot.py announces it (EXIT) and this process
+# ends the interpreter and restarts it as if it had exited with that status.
 # Input is held back until sim_boot.py says the image is mounted (a Ctrl-C before that could
 # leave the host's filesystem as "/"), and after a raw soft reset until the fresh REPL has been
 # put into the raw REPL (Ctrl-A; its friendly banner is hidden). Input the dying interpreter did
@@ -21,7 +24,8 @@
 # reads is kept up to OUT_LIMIT bytes, then the oldest is dropped (a USB buffer does the same).
 # The board's flash is a littlefs image in a file (sim_boot.py mounts it at "/"), so mpremote's
 # `fs cp x :` and `:/lib/...` land in the image, never in the host's filesystem. Not a sandbox:
-# code run on the board can still call os.system() on the host.
+# code run on the board can still call os.system() on the host. Faults (--fault hang-at=S) go to
+# sim_boot.py, which gives them to a flashed sim node as the fleet simulator's config does.
 
 import errno
 import fcntl
@@ -46,6 +50,7 @@ RESET_EXIT = 3  # boards/sim.py RESET_EXIT, sim_boot.py _RESET_EXIT
 BAD_IMAGE_EXIT = 4  # sim_boot.py _BAD_IMAGE_EXIT
 UP = b"\x00sim-up\x00"  # sim_boot.py _UP: the image is mounted, the board takes input
 DONE = b"\x00sim-boot\x00"  # sim_boot.py _DONE: the board's REPL starts after it
+EXIT = b"\x00sim-exit "  # sim_boot.py _EXIT: "<status>\x00" follows; the process must end
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n"
 SOFT_REBOOT = b"MPY: soft reboot\r\n"
 FRIENDLY_PROMPT = b">>> "
@@ -65,6 +70,11 @@ DEFAULT_HEAP = NODE_HEAP
 SIM_OVERHEAD = 5 * 1024
 QUICK_RESTARTS = 5  # main.py restarted this often after under RESTART_WINDOW_S: a boot loop
 RESTART_WINDOW_S = 2.0
+# --fault NAME=SECONDS: boards/sim_faults.py's faults, by their config "sim": {"faults"} keys.
+FAULTS = {
+    "hang-at": "hang_at_s",  # the sensor driver hangs: the watchdog resets the node
+    "crash-at": "crash_at_s",  # the sensor driver raises: the node logs, saves its log, resets
+}
 
 
 class SimBoardError(Exception):
@@ -74,9 +84,12 @@ class SimBoardError(Exception):
 class SimBoard:
     """One simulated board. open() -> the port's path; serve(stop) until stop() is true."""
 
-    def __init__(self, image, heap=DEFAULT_HEAP, micropython=None, log=None, trace=None):
+    def __init__(
+        self, image, heap=DEFAULT_HEAP, micropython=None, log=None, trace=None, faults=None
+    ):
         self.image = Path(image)
         self.heap = heap
+        self.faults = dict(faults or {})  # {"hang_at_s": 30}: parse_faults()
         self.micropython = micropython
         self.log = log or (lambda msg: print("sim-board: %s" % msg, file=sys.stderr, flush=True))
         self.port = None
@@ -155,12 +168,14 @@ class SimBoard:
 
     def _state_reset(self):
         # starting: until UP (mounted; Ctrl-C is safe from here); boot: boot.py and main.py,
-        # until DONE; hold: hiding the friendly banner before entering the raw REPL; repl
+        # until DONE; hold: hiding the friendly banner before entering the raw REPL; repl;
+        # ended: sim_boot.py said a SystemExit ended main.py (EXIT), the process is being ended
         self._phase = "starting"
         self._raw = False  # the board's REPL is the raw one
         self._pending = b""  # the board's output not yet classified (a split marker)
         self._window = b""  # recent output, to spot RAW_BANNER across reads
         self._last_cr = False
+        self._exit = None  # the exit status sim_boot.py announced (EXIT) before its REPL
 
     def _spawn(self, mode):
         slave = self._board_slave
@@ -176,6 +191,10 @@ class SimBoard:
         if self._fresh:
             cmd.append("format")
             self._fresh = False
+        if self.faults:
+            if self.boots == 0:
+                cmd.append("arm")  # a new run: faults that fired in an earlier one fire again
+            cmd += ["%s=%d" % item for item in sorted(self.faults.items())]
         env = {k: v for k, v in os.environ.items() if k != "MICROPYPATH"}
         self._proc = subprocess.Popen(
             cmd,
@@ -250,6 +269,8 @@ class SimBoard:
         buf = self._pending + data
         self._pending = b""
         while buf:
+            if self._phase == "ended":
+                return  # the unix port's REPL banner after a SystemExit: not the board's
             if self._phase == "hold":
                 j = buf.find(FRIENDLY_PROMPT)
                 if j < 0:
@@ -261,14 +282,25 @@ class SimBoard:
                 self._release()
                 continue
             # The markers are stripped from the stream wherever they come.
-            found = [(buf.find(m), m) for m in (UP, DONE) if m in buf]
+            found = [(buf.find(m), m) for m in (UP, DONE, EXIT) if m in buf]
             if not found:
-                keep = max(_partial_suffix(buf, UP), _partial_suffix(buf, DONE))
+                keep = max(_partial_suffix(buf, m) for m in (UP, DONE, EXIT))
                 self._emit(buf[: len(buf) - keep])
                 self._pending = buf[len(buf) - keep :]
                 return
             i, marker = min(found)
             self._emit(buf[:i])
+            if marker == EXIT:
+                end = buf.find(b"\x00", i + len(EXIT))
+                if end < 0:
+                    self._pending = buf[i:]  # the status is still to come
+                    return
+                # Under -i a SystemExit in main.py would lead to the unix port's REPL, not the
+                # restart a board makes: end the process and restart it as that exit says.
+                self._exit = int(buf[i + len(EXIT) : end])
+                self._phase = "ended"
+                self._proc.kill()
+                return
             buf = buf[i + len(marker) :]
             if marker == UP:
                 self._phase = "boot"
@@ -304,13 +336,13 @@ class SimBoard:
             if not data:
                 break
             self._from_board(data)
-        if self._pending and self._phase != "hold":
+        if self._pending and self._phase not in ("hold", "ended"):
             self._emit(self._pending)
         # Input the old process did not read is kept for the new one: mpremote on a pty waits
         # forever for an answer to bytes lost in a reset.
         self._held[:0] = _unread_input(self._board_slave) + self._to_board
         self._to_board = bytearray()
-        rc = self._proc.returncode
+        rc = self._proc.returncode if self._exit is None else self._exit
         self._note("*", "exit %s, held %r" % (rc, bytes(self._held)))
         if rc == BAD_IMAGE_EXIT and self.boots == 1:
             raise SimBoardError(
@@ -368,6 +400,23 @@ def parse_size(text):
     if not digits.isdigit():
         raise ValueError("expected a size like 64K, 2M or 100000, got %r" % text)
     return int(digits) * scale
+
+
+def parse_faults(texts):
+    """{"hang_at_s": 30, ...} from ["hang-at=30", ...] (--fault). Raises ValueError."""
+    faults = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if name not in FAULTS or not sep:
+            raise ValueError(
+                "expected %s, got %r" % (" or ".join(n + "=SECONDS" for n in FAULTS), text)
+            )
+        if not value.isdigit():
+            raise ValueError("%s: expected whole seconds after boot, got %r" % (name, value))
+        if FAULTS[name] in faults:
+            raise ValueError("%s given twice (each fault fires once a run)" % name)
+        faults[FAULTS[name]] = int(value)
+    return faults
 
 
 def _take_terminal():
@@ -441,8 +490,10 @@ class SimBoardProcess:
     """`citynode sim-board` as a subprocess, for tests and scripts: .port is its serial port.
     Use as a context manager, or call stop(); kill() stops it as a pulled USB cable would."""
 
-    def __init__(self, image, heap=DEFAULT_HEAP, cwd=None, timeout=20.0):
+    def __init__(self, image, heap=DEFAULT_HEAP, cwd=None, timeout=20.0, faults=()):
         cmd = [sys.executable, "-m", "host_tools.cli", "sim-board", "--image", str(image)]
+        for fault in faults:  # "hang-at=30", as typed after --fault
+            cmd += ["--fault", fault]
         self._log = tempfile.TemporaryFile()  # its stderr: a pipe nobody reads could fill up
         self.proc = subprocess.Popen(
             cmd + ["--heap", heap],

@@ -1,7 +1,9 @@
 # Tests for `citynode sim-board` (host_tools/simboard.py, boards/sim_boot.py): the real mpremote
-# program and raw pyserial talk to it as to a USB board; its filesystem is a littlefs image.
+# program and raw pyserial talk to it as to a USB board; its filesystem is a littlefs image; a
+# flashed node survives the README's maintenance commands and its --fault hangs and crashes.
 
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -250,3 +252,153 @@ def test_killing_the_sim_board_leaves_no_interpreter_behind(sim):
             return  # dead, waiting to be reaped by whoever inherited it
         time.sleep(0.05)
     raise AssertionError("micropython %d still runs after its sim-board was killed" % child)
+
+
+# --- a flashed node on the sim-board: maintenance commands and faults ------------------------
+
+
+def flash_node(port, keys, node_id=7):
+    """`citynode flash` a sim node sampling every second onto the board at port."""
+    result = cli(
+        "flash", port, "--board", "sim", "--node-id", node_id, "--uplink", "127.0.0.1:9",
+        "--interval", 1, "--batch", 1, "--keys", keys, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return int(re.search(r" boot=(\d+)", result.stdout).group(1))
+
+
+def read_until_line(console, pattern, timeout=20.0):
+    """Read the node's console line by line until one matches; returns the match."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(
+                "no line like %r; the console so far:\n%s" % (pattern, console.seen)
+            )
+        line = console.read_until(b"\n", timeout=remaining).decode("utf-8", "replace")
+        match = re.search(pattern, line)
+        if match:
+            return match
+
+
+def readme_section(title):
+    text = (REPO / "README.md").read_text()
+    start = text.index("\n## %s\n" % title)
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def readme_mpremote_commands():
+    """The mpremote commands that the README's sim-board and log sections tell a technician to
+    type (code lines and inline code), port left as written, in order, each once."""
+    found = []
+    for title in (
+        "Practising on a simulated board (`citynode sim-board`)",
+        "Reading a node's log",
+    ):
+        text = readme_section(title)
+        found += re.findall(r"^    (mpremote connect .*)$", text, re.M)
+        found += re.findall(r"`(mpremote connect [^`]*)`", text)
+    commands = []
+    for line in found:
+        words = shlex.split(line, comments=True)
+        if len(words) > 3 and words not in commands:  # not the bare `connect PORT`: the REPL
+            commands.append(words)
+    return commands
+
+
+def test_the_readmes_maintenance_commands_leave_the_node_running(tools, tmp_path):
+    """Each mpremote command of the README, typed as written, against a flashed node on the
+    sim-board: afterwards the node boots again and samples. Without `+ reset` it would not."""
+    commands = readme_mpremote_commands()
+    assert len(commands) >= 2, commands
+    image = tmp_path / "node.img"
+    with SimBoardProcess(image, faults=["crash-at=2"]) as board:
+        boot = flash_node(board.port, tmp_path / "keys.json")
+        console = Console(board.port)
+        try:  # the crash gives dump_log something to show
+            read_until_line(console, r'node crashed error="sim: injected fault in a driver"')
+            read_until_line(console, r"node started .* boot=%d .*reset_cause=5" % (boot + 1))
+            read_until_line(console, r"link sent")
+        finally:
+            console.close()
+        boot += 1
+
+        # What went wrong before: mpremote without a reset leaves the node at its REPL.
+        mpremote(board.port, "fs", "ls")
+        console = Console(board.port)
+        try:
+            quiet = b""
+            deadline = time.monotonic() + 3  # a node sampling every second would log
+            while time.monotonic() < deadline:
+                quiet += console.ser.read(256)
+        finally:
+            console.close()
+        assert not re.search(rb"^[DIWE] \d+\.\d{3} ", quiet, re.M), quiet
+
+        for words in commands:
+            assert words[:3] in (
+                ["mpremote", "connect", "PORT"],
+                ["mpremote", "connect", "/dev/pts/N"],
+            )
+            assert words[-2:] == ["+", "reset"], words
+            proc = mpremote(board.port, *words[3:])
+            if "dump_log()" in " ".join(words):
+                assert "> reset_cause=crash" in proc.stdout, proc.stdout
+                assert "> E " in proc.stdout and "node crashed" in proc.stdout
+            console = Console(board.port)
+            try:
+                read_until_line(console, r"node started .* boot=%d " % (boot + 1))
+                read_until_line(console, r"link sent")  # sampling, sending: running main.py
+            finally:
+                console.close()
+            boot += 1
+
+
+def test_the_watchdog_resets_a_node_whose_driver_hangs(tools, tmp_path):
+    image = tmp_path / "node.img"
+    with SimBoardProcess(image) as board:
+        boot = flash_node(board.port, tmp_path / "keys.json")
+        # A 2 s watchdog (config.json wdt_ms; 30 s by default) keeps the test short.
+        code = (
+            "import json\nc = json.load(open('config.json'))\nc['wdt_ms'] = 2000\n"
+            "with open('config.json', 'w') as f:\n    json.dump(c, f)"
+        )
+        mpremote(board.port, "exec", code)
+    with SimBoardProcess(image, faults=["hang-at=3"]) as board:
+        console = Console(board.port)
+        try:
+            started = read_until_line(console, r"node started .* boot=(\d+) .*reset_cause=1 ")
+            assert int(started.group(1)) == boot + 1
+            read_until_line(console, r"^\(sim: injected fault: the driver hangs\)")
+            hung = time.monotonic()
+            read_until_line(console, r"^\(sim: watchdog expired, resetting\)", timeout=10)
+            assert time.monotonic() - hung > 1.5  # not before the watchdog's 2 s
+            read_until_line(console, r"node started .* boot=%d .*reset_cause=3 " % (boot + 2))
+            read_until_line(console, r"link sent")
+        finally:
+            console.close()
+        assert "sim-board: reset" in board.log()
+        # Once a run: the node keeps running after its reset.
+        assert board_exec(board.port, "print(open('sim_fault_hang').read())") == "1"
+    with SimBoardProcess(image, faults=["hang-at=3"]) as board:  # a new run: it fires again
+        console = Console(board.port)
+        try:
+            read_until_line(console, r"^\(sim: watchdog expired, resetting\)")
+        finally:
+            console.close()
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("hang=3", "expected hang-at=SECONDS or crash-at=SECONDS, got 'hang=3'"),
+        ("hang-at", "expected hang-at=SECONDS or crash-at=SECONDS, got 'hang-at'"),
+        ("crash-at=soon", "crash-at: expected whole seconds after boot, got 'soon'"),
+    ],
+)
+def test_bad_fault_option(tools, tmp_path, fault, message):
+    result = cli("sim-board", "--image", tmp_path / "x.img", "--fault", fault)
+    assert result.returncode == 2
+    assert result.stderr == "citynode: --fault: %s\n" % message
+    assert not (tmp_path / "x.img").exists()

@@ -1,9 +1,10 @@
 # `citynode flash PORT... --board NAME --node-id N`: provision boards over USB with mpremote
 # (host_tools/flash.py): several ports get consecutive node ids, one board after another.
 #
-# Exit status: 0 every board flashed and booted; 2 refused before any board was changed (bad
-# option, wrong board name, no such port, port busy, node id in use, key file unreadable); 1 a
-# board failed part-way (it is marked half-flashed: re-running the same command finishes it).
+# Exit status: 0 every board flashed (or found already flashed) and booted; 2 refused before any
+# board was changed (bad option, wrong board name, no such port, port busy, node id in use, a
+# board that was another node or a revoked id without --reflash, key file unreadable); 1 a board
+# failed part-way (it is marked half-flashed: re-running the same command finishes it).
 
 import os
 import sys
@@ -62,7 +63,9 @@ def add_arguments(p):
     p.add_argument(
         "--reflash",
         action="store_true",
-        help="allow a node id that is already in the key registry (moves it to this board)",
+        help="allow what changes a node's identity: an id already in the key registry (moves "
+        "it to this board), a board that was another node (its pending readings, clock and "
+        "sequence state are dropped), a revoked id (reinstated with a new key), a rotated key",
     )
     p.add_argument(
         "--mip-index",
@@ -234,6 +237,25 @@ def run(args):
 
     failed = 0
     for plan in plans:
+        if plan.skip:
+            progress(
+                plan.index, "%s node %d: already flashed, skipped" % (plan.port, plan.node_id)
+            )
+            try:
+                seconds, line = flasher.restart(plan)
+            except flash.FlashError as e:
+                progress(plan.index, "%s node %d: FAILED" % (plan.port, plan.node_id), final=True)
+                _report(e)
+                failed += 1
+                continue
+            progress(
+                plan.index,
+                "%s node %d: already flashed, skipped; booted in %.1f s"
+                % (plan.port, plan.node_id, seconds),
+                final=True,
+            )
+            print("%s: node %d already flashed, booted: %s" % (plan.port, plan.node_id, line))
+            continue
         try:
             seconds, line = flasher.flash(plan, sessions[plan.port])
         except flash.FlashError as e:

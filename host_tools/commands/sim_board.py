@@ -23,7 +23,15 @@ def add_arguments(p):
         "simulator's node heap); the simulation's own ~%d KB come on top"
         % (simboard.DEFAULT_HEAP, simboard.SIM_OVERHEAD // 1024),
     )
-
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME=SECONDS",
+        help="break the flashed sim node's sensor driver SECONDS after it boots, once a run: "
+        "hang-at (it hangs: the watchdog resets the node), crash-at (it raises: the node "
+        "saves its log and resets); may be given for both",
+    )
     p.add_argument(
         "--trace",
         metavar="FILE",
@@ -42,13 +50,17 @@ def _check_heap(text):
 
 def run(args):
     _check_heap(args.heap)
+    try:
+        faults = simboard.parse_faults(args.fault)
+    except ValueError as e:
+        raise CliError("--fault: %s" % e) from None
     trace = None
     if args.trace:
         try:
             trace = open(args.trace, "ab")
         except OSError as e:
             raise CliError("--trace %s: %s" % (args.trace, e.strerror)) from None
-    board = simboard.SimBoard(args.image, heap=args.heap, trace=trace)
+    board = simboard.SimBoard(args.image, heap=args.heap, trace=trace, faults=faults)
     try:
         simboard.run_until_signal(board)
     except simboard.SimBoardError as e:
