@@ -35,7 +35,6 @@
 
 import ast
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -53,7 +52,7 @@ from pathlib import Path
 
 import serial
 
-from host_tools import build
+from host_tools import build, serialport
 from host_tools.keys import (
     KEY_BYTES,
     KeyFileError,
@@ -903,24 +902,11 @@ def parse_log_line(text):
 
 
 def open_serial(port):
-    """The port, held exclusively (pyserial locks a device with flock(), as mpremote and
-    `citynode monitor` do: whichever comes second is refused at once, see port_busy(), not
-    left to read the other's bytes). URL handlers (socket://, loop://) take the option and
-    have nothing to lock."""
-    try:
-        return serial.serial_for_url(port, baudrate=115200, timeout=0.1, exclusive=True)
-    except TypeError:  # pyserial before 3.3 has no `exclusive`
-        return serial.serial_for_url(port, baudrate=115200, timeout=0.1)
+    """The board's port at 115200 baud, held exclusively (host_tools/serialport.py)."""
+    return serialport.open_serial(port)
 
 
-def port_busy(e):
-    """Whether a failure to open a port means another program has it: its exclusive lock
-    (EWOULDBLOCK), a tty in exclusive mode (TIOCEXCL: EBUSY), Windows' sharing violation."""
-    code = getattr(e, "errno", None)
-    if code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY):
-        return True
-    text = str(e)
-    return "exclusively lock" in text or "Access is denied" in text
+port_busy = serialport.port_busy
 
 
 def confirm_boot(port, node_id, fw_version, timeout=BOOT_TIMEOUT_S):

@@ -15,6 +15,7 @@ import json
 import re
 import time
 
+from host_tools import serialport
 from protocols import frame, uplink
 
 LEVELS = "DIWE"
@@ -537,45 +538,11 @@ class Backoff:
 
 
 def open_serial(url, baudrate, timeout):
-    """Any pyserial URL (a device path, socket://, loop://, spy://, rfc2217://), held
-    exclusively: pyserial locks a device with flock() as mpremote and `citynode flash` do, so
-    whichever program comes second is refused at once (port_busy()) instead of the two
-    reading each other's bytes (mpremote would wait for its answers for ever)."""
-    import serial
-
-    # pyserial's defaults assert DTR and RTS, which keeps an ESP32 dev board's auto-reset
-    # circuit idle (it resets or straps IO0 only when the two differ) and lets a Pico's USB
-    # CDC console send (MicroPython holds output until the host sets DTR).
-    port = serial.serial_for_url(
-        url, baudrate=baudrate, timeout=timeout, exclusive=True, do_not_open=True
-    )
-    # open() ends with reset_input_buffer(), which throws away what arrived before it returned:
-    # a board's first lines after a replug, or what a socket:// server sent on connecting.
-    # A monitor wants every byte, so that one call is skipped (posix spells it with a _).
-    names = [n for n in ("reset_input_buffer", "_reset_input_buffer") if hasattr(port, n)]
-    for name in names:
-        setattr(port, name, _keep_input)
-    try:
-        port.open()
-    finally:
-        for name in names:
-            delattr(port, name)
-    return port
+    """The port, held exclusively, every byte kept (host_tools/serialport.py)."""
+    return serialport.open_serial(url, baudrate, timeout, keep_input=True)
 
 
-def _keep_input():
-    pass
-
-
-def port_busy(e):
-    """Whether a failure to open a port means another program has it: its exclusive lock
-    (EWOULDBLOCK), a tty in exclusive mode (TIOCEXCL: EBUSY), Windows' sharing violation."""
-    import errno
-
-    if getattr(e, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY):
-        return True
-    text = str(e)
-    return "exclusively lock" in text or "Access is denied" in text
+port_busy = serialport.port_busy
 
 
 BUSY = "port is busy (close mpremote, screen, Thonny or the other program that has it open)"
