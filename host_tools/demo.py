@@ -330,8 +330,16 @@ def render(summary):
             summary["readings_lost"],
             summary["readings_pending_on_nodes"],
         ),
-        "  frames:   %d sent, %d accepted, %d rejected"
-        % (summary["frames_sent"], summary["frames_accepted"], summary["frames_rejected"]),
+        "  frames:   %d sent, %d accepted, %d rejected; status frames %d sent, %d accepted; "
+        "node resets %d"
+        % (
+            summary["frames_sent"],
+            summary["frames_accepted"],
+            summary["frames_rejected"],
+            summary["status_frames_sent"],
+            summary["status_frames_accepted"],
+            summary["node_resets"],
+        ),
         "  uplink:   %d bytes, %s bytes per reading; awake %d ms a cycle (the longest node)"
         % (summary["uplink_bytes"], summary["bytes_per_reading"], summary["awake_ms_per_cycle"]),
         "  largest difference stored - sensed: %.2f degC, %.2f %%RH, %.4f hPa, %.3f s"
@@ -367,6 +375,7 @@ def main(args):
     else:
         with tempfile.TemporaryDirectory(prefix="citynode-demo-") as tmp:
             summary = run(args, Path(tmp))
+        summary["node_logs"] = None  # removed with the temporary folder: --workdir keeps them
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
