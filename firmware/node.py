@@ -115,6 +115,20 @@ class Node:
             return False
         if len(self.journal) > batch:
             batch = min(len(self.journal), self.link.max_batch or batch)
+        before = self.stats["unplaceable"]
+        try:
+            return self._send_batches(batch, flush)
+        finally:
+            # one line for all the readings dropped in this call, not one a batch (a long
+            # outage's backlog made 91 lines of it)
+            if self.stats["unplaceable"] != before:
+                self.log.error(
+                    "clock",
+                    "readings from a boot without time dropped",
+                    count=self.stats["unplaceable"] - before,
+                )
+
+    def _send_batches(self, batch, flush):
         while len(self.journal) and (flush or len(self.journal) >= self.cfg.batch):
             if not self.link.up():
                 self.log.warning("link", "down, keeping readings", pending=len(self.journal))
@@ -125,7 +139,6 @@ class Node:
             if skip:  # earlier boots that never learned the time: cannot be placed
                 self.journal.ack(skip)
                 self.stats["unplaceable"] += skip
-                self.log.error("clock", "readings from a boot without time dropped", count=skip)
                 continue
             if not readings:
                 # Earlier boots' readings wait until this boot knows the time: the ack of a

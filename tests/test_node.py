@@ -386,6 +386,20 @@ def test_readings_from_a_boot_that_never_learned_the_time_are_dropped_and_counte
     assert len(stored_times(stored)) == len(rows) - 7
 
 
+def test_readings_dropped_over_several_batches_are_one_log_line(tmp_path):
+    # 30 readings of a boot that never learned the time, three frames' worth: one line, not
+    # one a batch (a long outage's backlog made 91 identical lines).
+    rows = generated(60)
+    faults = {"sim": {"faults": {"crash_at_s": 1800}}}
+    results, stored, _ = run_fleet(
+        tmp_path, [NodeSpec(17, KEY, rows, 60, 10, faults)], wrap=lambda r: DropFirst(r, 7)
+    )
+    log = console(results[0])
+    lines = [ln for ln in log.splitlines() if "readings from a boot without time dropped" in ln]
+    assert len(lines) == 1 and lines[0].endswith(" count=30"), lines
+    assert results[0]["stats"]["unplaceable"] == 30
+
+
 class StatusHeap:
     """Records the free_heap field of every status frame."""
 
