@@ -354,6 +354,9 @@ class Receiver:
         self._failed_rx = collections.OrderedDict()  # (node_id, "s", seq) -> rx_time
         # (node_id, "i", first, last) -> (its tag, time.monotonic() when stored)
         self._stored = collections.OrderedDict()
+        # tag -> time.monotonic() of every frame taken lately (v1 and STATUS frames too: their
+        # copies from a second gateway are duplicates in the seq window, counted quietly)
+        self._recent_tags = collections.OrderedDict()
 
     def datagram(self, data, rx_time=None):
         """Handle one datagram; return the ack to send back, or None."""
@@ -389,6 +392,9 @@ class Receiver:
             try:
                 received, signer = self.verifier.verify(data)
             except Rejected as e:
+                if e.reason == "duplicate" and self._heard_again(data):
+                    counters["frames_heard_again"] += 1  # a second gateway: quiet
+                    continue
                 self._reject(e, data)
                 continue
             key = _frame_key(received)
@@ -400,7 +406,12 @@ class Receiver:
                     # the same bytes much later are acked again (a copy, not a second gateway)
                     seen_tag = seen[0] if time.monotonic() - seen[1] < self.HEARD_AGAIN_S else b""
             if seen_tag is not None:
-                if received.seq is not None:  # v1 / STATUS: a seq seen is a duplicate
+                if tag == seen_tag:
+                    # The very frame accepted already: heard by a second gateway. Its ack is
+                    # on its way (two would collide on the air): counted, quiet.
+                    counters["frames_heard_again"] += 1
+                    continue
+                if received.seq is not None:  # v1 / STATUS: another frame under a seen seq
                     self._reject(
                         Rejected(
                             "duplicate",
@@ -410,14 +421,12 @@ class Receiver:
                         data,
                     )
                     continue
-                if tag == seen_tag:
-                    # The very frame accepted already: heard by a second gateway, or replayed.
-                    # Its ack is on its way (two would collide on the air): counted, quiet.
-                    counters["frames_heard_again"] += 1
-                    continue
                 copies.add(i)  # re-sent: to the sinks again (they drop it), acked again
             else:
                 in_batch[key] = tag
+            self._recent_tags[tag] = time.monotonic()
+            if len(self._recent_tags) > self.STORED_MEMORY:
+                self._recent_tags.popitem(last=False)
             if self._failed_rx:
                 rx_time = self._failed_rx.pop(key, rx_time)
             if rx_time is None:
@@ -480,6 +489,11 @@ class Receiver:
             count,
             ",".join(str(n) for n in nodes[:10]),
         )
+
+    def _heard_again(self, data):
+        """Whether these very bytes were taken less than HEARD_AGAIN_S ago."""
+        seen = self._recent_tags.get(bytes(data[-frame.TAG_LEN :]))
+        return seen is not None and time.monotonic() - seen < self.HEARD_AGAIN_S
 
     def _remember(self, received, tag):
         stored = self._stored

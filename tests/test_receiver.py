@@ -180,7 +180,7 @@ def test_duplicate_from_two_gateways_stored_once(receiver, db_path):
     assert receiver.datagram(datagram) is not None
     assert receiver.datagram(datagram) is None
     assert len(stored(db_path)) == 9
-    assert receiver.counters["rejected_duplicate"] == 1
+    assert receiver.counters["frames_heard_again"] == 1
     assert receiver.counters["frames_accepted"] == 1
 
 
@@ -190,7 +190,7 @@ def test_late_out_of_order_seq_accepted_once(receiver):
     assert receiver.datagram(data_frame(seq=11)) is not None
     assert receiver.datagram(data_frame(seq=11)) is None
     assert receiver.counters["frames_accepted"] == 3
-    assert receiver.counters["rejected_duplicate"] == 1
+    assert receiver.counters["frames_heard_again"] == 1
 
 
 def test_seq_older_than_window_is_replay(receiver, caplog):
@@ -242,7 +242,8 @@ def test_status_frame_logged_acked_and_shares_the_seq_window(receiver, caplog, d
     assert stored(db_path) == []
     assert receiver.datagram(status) is None
     assert receiver.datagram(data_frame(seq=20)) is None  # same seq space as DATA
-    assert receiver.counters["rejected_duplicate"] == 2
+    assert receiver.counters["frames_heard_again"] == 1  # the same bytes: a 2nd gateway
+    assert receiver.counters["rejected_duplicate"] == 1  # another frame under seq 20
     assert receiver.datagram(data_frame(seq=19)) is not None
 
 
@@ -346,7 +347,7 @@ def test_sink_failure_means_no_ack_and_retransmission_accepted(db_path, caplog):
     assert uplink.decode_ack(ack, frame.Signer(KEY7)).acked == [(7, 7)]
     assert len(stored(db_path)) == 9
     assert r.datagram(datagram) is None
-    assert r.counters["rejected_duplicate"] == 1
+    assert r.counters["frames_heard_again"] == 1
     sqlite_sink.close()
 
 
@@ -448,7 +449,7 @@ def test_v2_status_frame_acked_with_its_tag_and_windowed_by_seq(receiver, caplog
         7, int(RX_TIME), [], status[-4:]
     )
     assert receiver.datagram(status) is None
-    assert receiver.counters["rejected_duplicate"] == 1
+    assert receiver.counters["frames_heard_again"] == 1
 
 
 def test_previous_key_accepted_during_grace_and_acked_under_it(db_path):
@@ -636,7 +637,7 @@ def test_udp_frame_acked_after_storage(udp_server, client, receiver, db_path):
     assert uplink.decode_ack(ack, frame.Signer(KEY8)).node_id == 8
     assert receiver.counters["frames_accepted"] == 2
     assert receiver.counters["acks_sent"] == 2
-    assert receiver.counters["rejected_duplicate"] == 1
+    assert receiver.counters["frames_heard_again"] == 1
     assert receiver.counters["rejected_version"] == 1
 
 
