@@ -127,15 +127,27 @@ class Health:
         return out
 
 
+def from_snapshot(doc, now=None):
+    """A Health with the nodes of a status file's "node_health": what a restarted receiver
+    knew before (a node that went silent during the restart is still named), and what
+    `citynode receive --status` judges. Entries that do not parse are skipped."""
+    health = Health()
+    for key, d in (doc.get("node_health") or {}).items():
+        if not str(key).isdigit() or not isinstance(d, dict):
+            continue
+        try:
+            node = health._node(int(key))
+            for name in NodeHealth.__slots__:
+                if name in d and name != "first_boot":
+                    setattr(node, name, d[name])
+            node.first_boot = (d.get("boot_count") or 0) - d.get("resets", 0)
+            if "last_heard_s_ago" in d:
+                node.last_heard = float(doc.get("time", now)) - float(d["last_heard_s_ago"])
+        except (TypeError, ValueError):
+            health.nodes.pop(int(key), None)
+    return health
+
+
 def problems_of_snapshot(doc, now, silent_after=SILENT_AFTER):
     """problems() over a status file's "node_health" (`citynode receive --status`)."""
-    health = Health()
-    for key, d in doc.get("node_health", {}).items():
-        node = health._node(int(key))
-        for name in NodeHealth.__slots__:
-            if name in d and name not in ("first_boot",):
-                setattr(node, name, d[name])
-        node.first_boot = (d.get("boot_count") or 0) - d.get("resets", 0)
-        if "last_heard_s_ago" in d:
-            node.last_heard = doc.get("time", now) - d["last_heard_s_ago"]
-    return health.problems(now, silent_after)
+    return from_snapshot(doc, now).problems(now, silent_after)

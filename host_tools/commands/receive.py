@@ -483,9 +483,25 @@ def run(args):
             store.bad_rows,
         )
     receiver = Receiver(Verifier(keys, store=store), sink)
+    if args.status_file:
+        _restore_health(receiver, args.status_file)
     status = Status(receiver, sources, spool, forwarders, args.status_file, len(keys))
     reloader = KeyReloader(args.keys, receiver.verifier)
     return _serve(receiver, sources, forwarders, sink, status, reloader)
+
+
+def _restore_health(receiver, path):
+    """What the receiver knew of each node before a restart, from its last status file, so
+    that `receive --status` still names a node that went silent meanwhile."""
+    from host_tools.health import from_snapshot
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return  # none yet, or unreadable: start with what is heard from now on
+    if isinstance(doc, dict):
+        receiver.health = from_snapshot(doc, time.time())
 
 
 class KeyReloader:
