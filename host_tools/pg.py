@@ -1,4 +1,4 @@
-# PostgreSQL for more than one receiver (ARCHITECTURE.md "Beyond one machine"): the readings
+# PostgreSQL for more than one receiver (README "Beyond one machine"): the readings
 # (PostgresSink), the replay windows (PgReplayStore) and the node keys (PgKeyStore) in one
 # database, so that any receiver can take any frame. psycopg 3; one connection per object.
 #

@@ -3,7 +3,8 @@
 #
 # Timestamps (protocols/frame.py): a reading's UTC time = time the frame was received - its age.
 #
-# Sources (UDP here, MQTT in host_tools/mqtt.py, a serial gateway later) all feed one Intake;
+# Sources (UDP here; gateways and nodes over MQTT in host_tools/mqtt.py; LoRa gateways on a serial
+# line in host_tools/gateway_serial.py) all feed one Intake;
 # serve() drains it in batches on one thread and group-commits each batch: one durable sink write
 # for every frame in it, then one ack per accepted frame. A source is any object with
 #     name            str, for logs and status ("udp 0.0.0.0:1700")

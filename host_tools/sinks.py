@@ -1,5 +1,6 @@
 # Sinks: where accepted readings go. Each write(rows) returns only once the rows are durable,
-# because the receiver acks a frame to its node only after that (ARCHITECTURE.md).
+# because the receiver acks a frame to its node only after that (the team's design notes,
+# ../shared/docs/ARCHITECTURE.md: "Lines not to cross").
 #
 # A row is (node_id, reading_index, ts, quantity, value): reading_index the node's counter of
 # readings (frame format v2: with node_id, the reading's identity; None for a v1 frame, which

@@ -11,8 +11,6 @@ from host_tools.keys import load_keys_or_single
 from host_tools.receiver import iter_readings
 from protocols import frame, uplink
 
-HELP = "decode hex frames to JSON readings"
-
 
 def _iso_utc(ts):
     """Unix seconds -> "2023-11-14T22:13:20.000Z". ValueError if no date (years 1..9999) has

@@ -8,8 +8,6 @@ import re
 
 from host_tools.commands import CliError
 
-HELP = "simulate a fleet of nodes end to end"
-
 # Every node is a MicroPython process answered in lockstep by one simulator thread: 128 nodes
 # run, at 200 the simulator falls so far behind that nodes give up waiting for its replies
 # (boards/sim.py) and the run fails after 10 minutes (2 CPUs). 100 leaves room for a slower

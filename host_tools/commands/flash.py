@@ -15,7 +15,6 @@ from host_tools import flash
 from host_tools.commands import CliError
 from host_tools.keys import KeyFileError, load_keys
 
-HELP = "provision boards over USB: firmware, packages, config, key; confirm the boot"
 WIFI_PASSWORD_ENV = "CITYNODE_WIFI_PASSWORD"
 
 

@@ -10,7 +10,6 @@ import time
 from host_tools import keys as registry_file
 from host_tools.commands import CliError
 
-HELP = "manage node keys: add, list, rotate, revoke, export"
 ENV_KEYS = "CITYNODE_KEYS"
 DEFAULT_KEYS = "keys.json"
 _MAX_NODE_ID = 0xFFFFFFFF

@@ -12,7 +12,6 @@ from host_tools import keys as keyfile
 from host_tools import monitor as engine
 from host_tools.commands import CliError
 
-HELP = "show a node's serial log: colours, filters, decoded frames"
 ENV_KEYS = "CITYNODE_KEYS"
 
 _EPILOG = """\

@@ -30,7 +30,6 @@ from host_tools.sinks import (
     WebhookSink,
 )
 
-HELP = "receive frames, verify, store durably, acknowledge"
 DEFAULT_DB = "citynode.db"
 DEFAULT_UDP = "0.0.0.0:1700"
 DEFAULT_SPOOL = "citynode-spool.db"

@@ -4,8 +4,6 @@
 from host_tools import simboard
 from host_tools.commands import CliError
 
-HELP = "run a simulated board on a pseudo-terminal (prints its port first)"
-
 
 def add_arguments(p):
     p.add_argument(
