@@ -92,17 +92,40 @@ class SqliteSink:
     def __init__(self, path):
         self.path = path
         self.upgraded = 0  # v1 rows carried over by an upgrade on open
+        # Several receivers may open one file at once (they share it: every reading once): the
+        # switch to WAL and the schema check take locks that SQLite's busy timeout does not
+        # always wait for, so a "locked" open is tried again for up to OPEN_WAIT_S.
+        deadline = time.monotonic() + self.OPEN_WAIT_S
+        while True:
+            try:
+                self._open()
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise SinkError("%s: cannot open SQLite database: %s" % (path, e)) from None
+                time.sleep(0.05)
+            except sqlite3.Error as e:
+                raise SinkError("%s: cannot open SQLite database: %s" % (path, e)) from None
+
+    OPEN_WAIT_S = 30.0
+
+    def _open(self):
+        # One receiver thread uses it at a time, not necessarily the one that opened it.
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
         try:
-            # One receiver thread uses it at a time, not necessarily the one that opened it.
-            self._db = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self._db.execute("PRAGMA journal_mode=WAL")
             # In WAL mode only synchronous=FULL makes each commit survive a power cut.
             self._db.execute("PRAGMA synchronous=FULL")
             self._open_schema()
-        except sqlite3.Error as e:
-            raise SinkError("%s: cannot open SQLite database: %s" % (path, e)) from None
+        except BaseException:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+            raise
 
     def _columns(self):
         return [row[1] for row in self._db.execute("PRAGMA table_info(readings)")]
