@@ -59,12 +59,14 @@ def cli(*args, timeout=120):
 
 
 def mpremote(port, *args):
-    proc = subprocess.run(
-        [build.tool("mpremote"), "connect", port, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    """The test's own look at a board (not the behaviour under test). Once in a full, loaded
+    run mpremote got no raw-REPL prompt from a sim-board for 30 s (seen in CI right after a
+    refused flash); a second, fresh mpremote is allowed before the test fails."""
+    command = [build.tool("mpremote"), "connect", port, *map(str, args)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
