@@ -353,8 +353,7 @@ class Receiver:
         self.folded = FoldingLog(self.log)
         self.health = Health()  # per node: last heard, its STATUS fields (receive --status)
         self._failed_rx = collections.OrderedDict()  # (node_id, "s", seq) -> rx_time
-        # (node_id, "i", first, last) -> (its tag, time.monotonic() when stored)
-        self._stored = collections.OrderedDict()
+        self._stored = collections.OrderedDict()  # (node_id, "i", first, last) of v2 frames
         # tag -> time.monotonic() of every frame taken lately (v1 and STATUS frames too: their
         # copies from a second gateway are duplicates in the seq window, counted quietly)
         self._recent_tags = collections.OrderedDict()
@@ -393,25 +392,19 @@ class Receiver:
             try:
                 received, signer = self.verifier.verify(data)
             except Rejected as e:
-                if e.reason == "duplicate" and self._heard_again(data):
+                if e.reason == "duplicate" and self._heard_again(bytes(data[-frame.TAG_LEN :])):
                     counters["frames_heard_again"] += 1  # a second gateway: quiet
                     continue
                 self._reject(e, data)
                 continue
             key = _frame_key(received)
             tag = bytes(data[-frame.TAG_LEN :])
-            seen_tag = in_batch.get(key)
-            if seen_tag is None:
-                seen = self._stored.get(key)
-                if seen is not None:
-                    # the same bytes much later are acked again (a copy, not a second gateway)
-                    seen_tag = seen[0] if time.monotonic() - seen[1] < self.HEARD_AGAIN_S else b""
-            if seen_tag is not None:
-                if tag == seen_tag:
-                    # The very frame accepted already: heard by a second gateway. Its ack is
-                    # on its way (two would collide on the air): counted, quiet.
-                    counters["frames_heard_again"] += 1
-                    continue
+            if tag == in_batch.get(key) or self._heard_again(tag):
+                # The very frame taken already: heard by a second gateway. Its ack is on its
+                # way (two would collide on the air): counted, quiet.
+                counters["frames_heard_again"] += 1
+                continue
+            if key in in_batch or key in self._stored:
                 if received.seq is not None:  # v1 / STATUS: another frame under a seen seq
                     self._reject(
                         Rejected(
@@ -425,9 +418,6 @@ class Receiver:
                 copies.add(i)  # re-sent: to the sinks again (they drop it), acked again
             else:
                 in_batch[key] = tag
-            self._recent_tags[tag] = time.monotonic()
-            if len(self._recent_tags) > self.STORED_MEMORY:
-                self._recent_tags.popitem(last=False)
             if self._failed_rx:
                 rx_time = self._failed_rx.pop(key, rx_time)
             if rx_time is None:
@@ -459,11 +449,10 @@ class Receiver:
                 counters["frames_accepted"] += 1
                 counters["readings_accepted"] += len(received.readings)
                 self.health.data(received, rx_time)
-                if received.seq is None:
-                    self._remember(received, tag)
             else:
                 self._status(received)
                 self.health.status(received, rx_time)
+            self._remember(received, tag)
             acks[i] = self._ack(received, int(rx_time), signer, tag)
         if isinstance(new, int) and 0 <= new < len(rows):
             counters["values_already_stored"] += len(rows) - new
@@ -491,16 +480,22 @@ class Receiver:
             ",".join(str(n) for n in nodes[:10]),
         )
 
-    def _heard_again(self, data):
-        """Whether these very bytes were taken less than HEARD_AGAIN_S ago."""
-        seen = self._recent_tags.get(bytes(data[-frame.TAG_LEN :]))
+    def _heard_again(self, tag):
+        """Whether a frame with this tag was taken less than HEARD_AGAIN_S ago."""
+        seen = self._recent_tags.get(tag)
         return seen is not None and time.monotonic() - seen < self.HEARD_AGAIN_S
 
     def _remember(self, received, tag):
-        stored = self._stored
-        stored[_frame_key(received)] = (tag, time.monotonic())
-        if len(stored) > self.STORED_MEMORY:
-            stored.popitem(last=False)
+        """A frame taken (durable, acked): its tag for HEARD_AGAIN_S, a v2 frame's key."""
+        recent = self._recent_tags
+        recent[tag] = time.monotonic()
+        if len(recent) > self.STORED_MEMORY:
+            recent.popitem(last=False)
+        if received.seq is None:
+            stored = self._stored
+            stored[_frame_key(received)] = None
+            if len(stored) > self.STORED_MEMORY:
+                stored.popitem(last=False)
 
     def _sink_failed(self, frames, e):
         self.counters["sink_error"] += len(frames)
