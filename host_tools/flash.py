@@ -423,22 +423,32 @@ def _prepare_script(node_id, dirs, drop=False):
     )
 
 
+# The sha256 of a file on the board in hex (OSError when it cannot be read), for the scripts
+# below: read in 512-byte pieces, as a board's heap allows.
+_BOARD_HASH = """
+import hashlib, binascii
+def _cn_hash(_p):
+    _s = hashlib.sha256()
+    with open(_p, 'rb') as _f:
+        while True:
+            _b = _f.read(512)
+            if not _b:
+                break
+            _s.update(_b)
+    return binascii.hexlify(_s.digest()).decode()
+"""
+
+
 def _hash_script(paths):
     """Print the sha256 of each path on the board (None when missing) and the FW_VERSION of the
     firmware in /lib (None when it does not import): CITYNODE-HASHES ({path: hex}, version)."""
-    return """
-import hashlib, binascii
+    return (
+        _BOARD_HASH
+        + """
 _cn_h = {}
 for _p in %r:
     try:
-        _s = hashlib.sha256()
-        with open(_p, 'rb') as _f:
-            while True:
-                _b = _f.read(512)
-                if not _b:
-                    break
-                _s.update(_b)
-        _cn_h[_p] = binascii.hexlify(_s.digest()).decode()
+        _cn_h[_p] = _cn_hash(_p)
     except OSError:
         _cn_h[_p] = None
 try:
@@ -446,32 +456,31 @@ try:
 except Exception:
     _cn_fw = None
 print('CITYNODE-HASHES', repr((_cn_h, _cn_fw)))
-""" % (sorted(paths),)
+"""
+        % (sorted(paths),)
+    )
 
 
 def _verify_script(expected):
     """Hash every file on the board; remove the marker only if all match. Prints the paths that
     do not match (missing or different)."""
-    return """
-import hashlib, os, binascii
+    return (
+        _BOARD_HASH
+        + """
+import os
 _cn_bad = []
 for _p, _h in %r:
     try:
-        _s = hashlib.sha256()
-        with open(_p, 'rb') as _f:
-            while True:
-                _b = _f.read(512)
-                if not _b:
-                    break
-                _s.update(_b)
-        if binascii.hexlify(_s.digest()).decode() != _h:
+        if _cn_hash(_p) != _h:
             _cn_bad.append(_p)
     except OSError:
         _cn_bad.append(_p)
 if not _cn_bad:
     os.remove(%r)
 print('CITYNODE-VERIFY', repr(_cn_bad))
-""" % (sorted(expected.items()), MARKER)
+"""
+        % (sorted(expected.items()), MARKER)
+    )
 
 
 def _tagged(output, tag):
