@@ -7,7 +7,7 @@
 2. Readings a day a node can send within a 1 % duty cycle, and within 30 s of airtime a day:
    measured by driving the firmware's airtime governor with a sender that always has the trace's
    next frame ready, for 24 simulated hours on one 1 % sub-band.
-3. Delivery ratio under collision load: host_tools/air.py's medium, one gateway listening on
+3. Delivery ratio under collision load: host_tools/sim/air.py's medium, one gateway listening on
    three channels and every SF, 10 to 500 nodes in a 3.5 km disk (SF by distance), each sending a
    frame every 60-600 s through its own governor.
 
@@ -40,7 +40,7 @@ from peers import CAYENNE_LPP_SIZE, time_on_air_s  # noqa: E402
 
 from firmware.airtime import Governor, time_on_air_us  # noqa: E402
 from host_tools import air  # noqa: E402
-from host_tools.weather import read_trace  # noqa: E402
+from host_tools.sim.weather import read_trace  # noqa: E402
 from protocols.frame import Signer  # noqa: E402
 from protocols.uplink import decode_data  # noqa: E402
 

@@ -19,7 +19,7 @@ from cayennelpp import LppFrame  # noqa: E402
 from frame_size import KEY, SETTINGS, SHARED_DATA, quantise  # noqa: E402
 from peers import cayenne_decode, cayenne_lpp  # noqa: E402
 
-from host_tools.weather import read_trace  # noqa: E402
+from host_tools.sim.weather import read_trace  # noqa: E402
 from protocols.frame import BME280_CHANNELS, Signer, encode_data  # noqa: E402
 from protocols.uplink import decode_data  # noqa: E402
 

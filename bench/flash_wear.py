@@ -2,7 +2,7 @@
 
 A node sampling once a minute for a simulated week (10 080 readings) keeps every reading in
 firmware/journal.py until the host acknowledges it, in frames of 10. The journal runs on the
-MicroPython unix port, on littlefs (vfs.VfsLfs2) over boards/sim_flash.py, a 1 MiB NOR flash of
+MicroPython unix port, on littlefs (vfs.VfsLfs2) over boards/sim/flash.py, a 1 MiB NOR flash of
 4 KB blocks that counts what littlefs programs and erases. Beside it, in the same run:
   rewrite - the naive way: one file holding every unacknowledged reading, rewritten whole on
             each reading and each ack (as if the node's RAM list were saved after each change);
@@ -36,7 +36,7 @@ NOR_CYCLES = 100_000  # erase cycles a NOR sector is specified for (W25Q series 
 
 WORKLOAD = r"""
 import gc, json, os, vfs
-from boards.sim_flash import SimFlash
+from boards.sim.flash import SimFlash
 from firmware.journal import Journal
 
 dev = SimFlash(blocks=BLOCKS)

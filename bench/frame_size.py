@@ -21,7 +21,7 @@ from peers import (  # noqa: E402
     time_on_air_s,
 )
 
-from host_tools.weather import read_trace  # noqa: E402
+from host_tools.sim.weather import read_trace  # noqa: E402
 from protocols.frame import BME280_CHANNELS, Signer, encode_data  # noqa: E402
 from protocols.uplink import decode_data  # noqa: E402
 

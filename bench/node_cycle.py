@@ -31,15 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from host_tools import build, weather  # noqa: E402
-from host_tools.fleet import NODE_HEAP, NODE_MIN_HEAP, Fleet, NodeSpec  # noqa: E402
-from host_tools.receiver import Receiver, Verifier  # noqa: E402
-from host_tools.sinks import SqliteSink  # noqa: E402
+from host_tools.receive.receiver import Receiver, Verifier  # noqa: E402
+from host_tools.receive.sinks import SqliteSink  # noqa: E402
+from host_tools.sim.fleet import NODE_HEAP, NODE_MIN_HEAP, Fleet, NodeSpec  # noqa: E402
 from protocols import frame, uplink  # noqa: E402
 
 CYCLES = 2000
 SCRIPT = r"""
 import gc, json, time
-from boards.sim_bme280 import SimBME280, SimI2C
+from boards.sim.bme280 import SimBME280, SimI2C
 from firmware.bme280 import BME280
 from firmware.journal import Journal
 from protocols import frame

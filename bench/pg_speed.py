@@ -9,7 +9,7 @@ on a real server) and its own mosquitto (tests/test_sinks_mqtt.py). The same fra
 of 10 BME280 readings (v2) from FLEET nodes; every run starts on a fresh database.
 
 1. copy: the rows the receivers would store, as COPY text made beforehand, COPYed into
-   `readings` (host_tools/pg.py's schema: its UNIQUE identity index included) in one
+   `readings` (host_tools/receive/pg.py's schema: its UNIQUE identity index included) in one
    transaction: the database's own ceiling for these rows.
 2. sink: PostgresSink.write() in this process, in batches of 256 frames (the receive loop's
    largest): COPY into a temporary table, INSERT ... ON CONFLICT DO NOTHING, commit.
@@ -54,9 +54,9 @@ from conftest import ReceiveProcess  # noqa: E402
 from test_sinks_mqtt import Mosquitto  # noqa: E402
 
 from host_tools.keys import save_keys  # noqa: E402
-from host_tools.mqtt import DOWN_TOPIC, UP_TOPIC  # noqa: E402
-from host_tools.pg import PostgresSink, open_schema  # noqa: E402
-from host_tools.receiver import frame_rows  # noqa: E402
+from host_tools.receive.mqtt import DOWN_TOPIC, UP_TOPIC  # noqa: E402
+from host_tools.receive.pg import PostgresSink, open_schema  # noqa: E402
+from host_tools.receive.receiver import frame_rows  # noqa: E402
 from protocols.frame import BME280_CHANNELS, Signer, encode_data  # noqa: E402
 from protocols.uplink import decode_ack, decode_data, peek  # noqa: E402
 

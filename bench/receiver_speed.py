@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from host_tools.keys import load_keys, save_keys  # noqa: E402
-from host_tools.receiver import (  # noqa: E402
+from host_tools.receive.receiver import (  # noqa: E402
     Intake,
     Receiver,
     ReplayStore,
@@ -43,8 +43,8 @@ from host_tools.receiver import (  # noqa: E402
     Verifier,
     serve,
 )
-from host_tools.sinks import SqliteSink, TeeSink  # noqa: E402
-from host_tools.spool import Spool  # noqa: E402
+from host_tools.receive.sinks import SqliteSink, TeeSink  # noqa: E402
+from host_tools.receive.spool import Spool  # noqa: E402
 from protocols.frame import BME280_CHANNELS, Signer, encode_data  # noqa: E402
 from protocols.uplink import decode_ack, peek  # noqa: E402
 

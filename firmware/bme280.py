@@ -90,7 +90,7 @@ Calibration = namedtuple(
 
 # Integer compensation, section 4.2.3. Python ints do not overflow, so these equal Bosch's C code
 # wherever the C code does not overflow (all plausible calibrations); `>>` floors like the
-# arithmetic shift Bosch assumes. Shared with boards/sim_bme280.py, which inverts them.
+# arithmetic shift Bosch assumes. Shared with boards/sim/bme280.py, which inverts them.
 
 
 def t_fine(cal, adc_t):

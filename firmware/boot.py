@@ -22,7 +22,9 @@ def _boot_log():
 
 def load_board(name, raw):
     try:
-        module = getattr(__import__("boards." + name), name)
+        module = __import__("boards." + name, None, None, ("Board",))
+        if not hasattr(module, "Board"):  # a board with parts of its own: boards/<name>/board.py
+            module = __import__("boards.%s.board" % name, None, None, ("Board",))
     except ImportError:
         raise config.ConfigError("config: unknown board %r (no boards/%s.py)" % (name, name))
     return module.Board(raw)

@@ -1,6 +1,6 @@
-# The end of a simulated world (boards/sim.py says so; hardware never ends): the node sends what
-# it still holds and logs its counters, which the fleet simulator reads (host_tools/fleet.py).
-# Its own module so that a running node's heap does not carry it.
+# The end of a simulated world (boards/sim/board.py says so; hardware never ends): the node sends
+# what it still holds and logs its counters, which the fleet simulator reads
+# (host_tools/sim/fleet.py). Its own module so that a running node's heap does not carry it.
 
 import gc
 

@@ -9,7 +9,7 @@ import sys
 
 from host_tools.commands import CliError
 from host_tools.keys import KeyFileError
-from host_tools.sinks import SinkError
+from host_tools.receive.sinks import SinkError
 
 # name -> (module in host_tools.commands, one-line help). Each module has add_arguments(parser)
 # and run(args) -> exit status.

@@ -117,16 +117,22 @@ class BoardDef:
 
 
 def board_names(root=build.ROOT):
-    """Board modules in boards/: every <name>.py except __init__ and the sim_* helpers, and
-    modules without a `class Board` (helpers such as hw.py)."""
+    """Boards in boards/: every <name>.py with a `class Board` (not helpers such as hw.py), and
+    every folder <name>/ with a board.py (a board with parts of its own: the simulated one)."""
     names = []
-    for path in sorted((Path(root) / "boards").glob("*.py")):
-        name = path.stem
-        if name.startswith(("_", "sim_")):
+    for path in sorted((Path(root) / "boards").iterdir()):
+        if path.name.startswith("_"):
             continue
-        if _board_class(path) is not None:
-            names.append(name)
-    return names
+        if path.suffix == ".py" and _board_class(path) is not None:
+            names.append(path.stem)
+        elif path.is_dir() and _board_class(path / "board.py") is not None:
+            names.append(path.name)
+    return sorted(names)
+
+
+def _board_path(root, name):
+    folder = Path(root) / "boards" / name
+    return folder / "board.py" if folder.is_dir() else folder.with_suffix(".py")
 
 
 def _board_class(path):
@@ -150,7 +156,7 @@ def board_def(name, root=build.ROOT):
             "pick one of them with --board",
         )
     attrs = {}
-    for node in _board_class(Path(root) / "boards" / (name + ".py")).body:
+    for node in _board_class(_board_path(root, name)).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             target = node.targets[0]
             if isinstance(target, ast.Name):
@@ -183,15 +189,16 @@ def firmware_version(root=build.ROOT):
 
 def firmware_files(build_dir, board):
     """(local path, remote path) of everything copied into /lib: the build, less the simulated
-    board's helpers on a real board and the host's sim_boot script everywhere."""
+    board's folder (boards/sim/) on a real board and its boot script (boards/sim/boot.py, the
+    host's) everywhere."""
     files = []
     for path in sorted(Path(build_dir).rglob("*")):
         if not path.is_file():
             continue
         rel = path.relative_to(build_dir).as_posix()
-        if rel.split("/")[0] not in PACKAGES or rel == "boards/sim_boot.mpy":
+        if rel.split("/")[0] not in PACKAGES or rel == "boards/sim/boot.mpy":
             continue
-        if board.name != "sim" and rel.startswith("boards/sim"):
+        if board.name != "sim" and rel.startswith("boards/sim/"):
             continue
         files.append((path, "%s/%s" % (LIB, rel)))
     return files

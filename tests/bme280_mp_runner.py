@@ -1,4 +1,4 @@
-# Runs firmware/bme280.py against boards/sim_bme280.py on the MicroPython unix port, for tests.
+# Runs firmware/bme280.py against boards/sim/bme280.py on the MicroPython unix port, for tests.
 # Usage: micropython bme280_mp_runner.py REPO_ROOT CASES.jsonl; one JSON result line per case.
 
 import json
@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, sys.argv[1])
 
-from boards.sim_bme280 import SimBME280, SimI2C  # noqa: E402
+from boards.sim.bme280 import SimBME280, SimI2C  # noqa: E402
 from firmware.bme280 import BME280, SensorError  # noqa: E402
 
 # One case per line, so a 64 KB heap never holds them all

@@ -139,7 +139,7 @@ def tools():
 def sim(tools, tmp_path):
     """sim(image=None) starts a simulated board (citynode sim-board); all are stopped at the
     end of the test."""
-    from host_tools.simboard import SimBoardProcess
+    from host_tools.sim.simboard import SimBoardProcess
 
     boards = []
 

@@ -1,4 +1,4 @@
-# host_tools/air.py, the simulated LoRa medium: link budget by Hata's formula written out here,
+# host_tools/sim/air.py, the simulated LoRa medium: link budget by Hata's formula written out here,
 # collisions and capture (LoRaSim's rules), SF/channel orthogonality, range, half-duplex, receive
 # windows, determinism; and a brute-force reference that random traffic must match exactly.
 
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware import airtime as fw_airtime
-from host_tools import air
-from host_tools.air import Medium
+from host_tools.sim import air
+from host_tools.sim.air import Medium
 
 NOISE_125 = -174 + 10 * math.log10(125_000) + 6  # -117.03 dBm
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import frame_size  # noqa: E402
 
-from host_tools.weather import read_trace  # noqa: E402
+from host_tools.sim.weather import read_trace  # noqa: E402
 
 
 @pytest.mark.parametrize("filename", [name for _, name in frame_size.TRACES])

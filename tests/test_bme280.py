@@ -1,4 +1,4 @@
-# Tests for firmware/bme280.py against the register-level simulation in boards/sim_bme280.py.
+# Tests for firmware/bme280.py against the register-level simulation in boards/sim/bme280.py.
 # Adafruit's float driver is the independent oracle; the MicroPython unix port must agree exactly.
 
 import csv
@@ -13,12 +13,12 @@ from adafruit_bme280.basic import Adafruit_BME280_I2C
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from boards.sim_bme280 import (
+from boards.sim.bme280 import (
     DEFAULT_CALIBRATION,
     SimBME280,
     SimI2C,
 )
-from boards.sim_world import CALIBRATION_RANGES, SimBusioI2C
+from boards.sim.world import CALIBRATION_RANGES, SimBusioI2C
 from firmware.bme280 import BME280, SensorError, t_fine, temperature_centi
 
 REPO = Path(__file__).resolve().parents[1]

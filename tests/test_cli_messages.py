@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from host_tools import cli, flash
-from host_tools import demo as demo_engine
-from host_tools.fleet import NODE_MIN_HEAP
-from host_tools.weather import HEADER
+from host_tools.sim import demo as demo_engine
+from host_tools.sim.fleet import NODE_MIN_HEAP
+from host_tools.sim.weather import HEADER
 
 REPO = Path(__file__).resolve().parent.parent
 BUSY = "port is busy (close mpremote, screen, Thonny or the other program that has it open)"

@@ -24,7 +24,7 @@ from test_flash_identity import journal
 from test_simboard import Console, read_until_line, readme_mpremote_commands
 
 from host_tools import build
-from host_tools.simboard import SimBoardProcess
+from host_tools.sim.simboard import SimBoardProcess
 
 INTERVAL_S = 2  # the nodes sample every 2 s ...
 BATCH = 2  # ... and send a frame of 2 readings

@@ -192,7 +192,7 @@ def test_flashed_node_boots_sends_and_the_receiver_stores(sim, keys, tmp_path, r
                 ).fetchall()
     assert rows, "no reading from node 7 reached SQLite"
     by_quantity = {q: v for n, q, v in rows if n == 7}
-    assert abs(by_quantity["temperature_c"] - 20.0) < 0.05  # boards/sim.py in real time
+    assert abs(by_quantity["temperature_c"] - 20.0) < 0.05  # boards/sim/board.py in real time
     assert {n for n, _, _ in rows} == {7}
 
 
@@ -231,7 +231,7 @@ def test_wrong_board_name_lists_the_boards(sim, keys):
         ", ".join(names),
         "pick one of them with --board",
     )
-    assert "sim" in names and "hw" not in names and "sim_bme280" not in names
+    assert "sim" in names and "hw" not in names and "bme280" not in names
     assert not keys.exists()
     assert board_files(board.port) == []
 
@@ -476,18 +476,21 @@ def test_every_board_definition_reads():
 
 
 def test_real_boards_get_no_simulator_files(tmp_path):
-    for rel in ["boards/sim.mpy", "boards/sim_boot.mpy", "boards/hw.mpy", "firmware/main.mpy"]:
+    files = ["boards/sim/board.mpy", "boards/sim/boot.mpy", "boards/sim_x.mpy", "boards/hw.mpy"]
+    for rel in files + ["firmware/main.mpy"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     real = flash.BoardDef("esp32_devkitc", "xtensawin")
     assert [r for _, r in flash.firmware_files(tmp_path, real)] == [
         "/lib/boards/hw.mpy",
+        "/lib/boards/sim_x.mpy",  # a folder is left off, not a name prefix
         "/lib/firmware/main.mpy",
     ]
     sim = flash.BoardDef("sim")
     assert [r for _, r in flash.firmware_files(tmp_path, sim)] == [
         "/lib/boards/hw.mpy",
-        "/lib/boards/sim.mpy",
+        "/lib/boards/sim/board.mpy",
+        "/lib/boards/sim_x.mpy",
         "/lib/firmware/main.mpy",
     ]
 

@@ -1,6 +1,6 @@
-# host_tools/gateway_serial.py: gateways on real byte streams. A fake gateway is a TCP server
-# (socket:// lines) or a pseudo-terminal; lines carry garbage and half frames, get unplugged and
-# re-plugged; copies from two gateways are merged and the ack goes to the better one; and one
+# host_tools/receive/gateway_serial.py: gateways on real byte streams. A fake gateway is a TCP
+# server (socket:// lines) or a pseudo-terminal; lines carry garbage and half frames, get unplugged
+# and re-plugged; copies from two gateways are merged and the ack goes to the better one; and one
 # run goes through the real receiver into SQLite and back as a DOWNLINK the node can verify.
 
 import os
@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from host_tools.forward import Backoff
-from host_tools.gateway_serial import DRIFT, GatewayClock, SerialGatewaySource
-from host_tools.receiver import Intake, Receiver, Verifier, serve
-from host_tools.sinks import SqliteSink
+from host_tools.receive.forward import Backoff
+from host_tools.receive.gateway_serial import DRIFT, GatewayClock, SerialGatewaySource
+from host_tools.receive.receiver import Intake, Receiver, Verifier, serve
+from host_tools.receive.sinks import SqliteSink
 from protocols import frame, gwlink, uplink
 
 KEY = bytes(range(16))

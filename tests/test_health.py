@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from host_tools.health import Health, problems_of_snapshot
-from host_tools.receiver import Receiver, Verifier
+from host_tools.receive.health import Health, problems_of_snapshot
+from host_tools.receive.receiver import Receiver, Verifier
 from protocols import frame
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 # firmware/journal.py on the MicroPython unix port: littlefs (vfs.VfsLfs2) on the simulated NOR
-# flash of boards/sim_flash.py, random power cuts, corrupt and missing files, a full flash, heap.
+# flash of boards/sim/flash.py, random power cuts, corrupt and missing files, a full flash, heap.
 import json
 import os
 import shutil
@@ -18,7 +18,7 @@ HDR = 12  # segment header
 # Shared by the MicroPython scripts below: mount a fresh or existing flash image at /fl.
 PRELUDE = """
 import gc, os, sys, vfs, json
-from boards.sim_flash import SimFlash
+from boards.sim.flash import SimFlash
 from firmware.journal import Journal, JournalError
 from firmware.log import Log
 LINES = []
@@ -372,7 +372,7 @@ print(json.dumps(r))
 # a twenty-boot outage in every hundred cuts makes sure the journal overflows.
 POWER_CUT = """
 import time
-from boards.sim_flash import Rng, PowerCut
+from boards.sim.flash import Rng, PowerCut
 from firmware.seq import Sequence, SeqError
 
 MNT = "/pc"

@@ -1,7 +1,8 @@
-# Tests for host_tools/ledger.py (range sets of reading indices, their SQLite homes) and the
-# append-only file sinks built on them (JsonlSink, InfluxFileSink in host_tools/sinks.py): copies
-# dropped, writes that fail part-way (a real file size limit, a real full tmpfs when root, a
-# failing fsync) leaving the file exactly as before, and crash recovery from real killed processes.
+# Tests for host_tools/receive/ledger.py (range sets of reading indices, their SQLite homes) and
+# the append-only file sinks built on them (JsonlSink, InfluxFileSink in
+# host_tools/receive/sinks.py): copies dropped, writes that fail part-way (a real file size limit,
+# a real full tmpfs when root, a failing fsync) leaving the file exactly as before, and crash
+# recovery from real killed processes.
 
 import errno
 import json
@@ -18,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_tools import sinks
-from host_tools.ledger import FileLedger, MemoryLedger, RangeSet, SqlRanges, split_new
-from host_tools.sinks import InfluxFileSink, JsonlSink, SinkError, reading_id
+from host_tools.receive import sinks
+from host_tools.receive.ledger import FileLedger, MemoryLedger, RangeSet, SqlRanges, split_new
+from host_tools.receive.sinks import InfluxFileSink, JsonlSink, SinkError, reading_id
 
 TESTS = Path(__file__).resolve().parent
 QUANTITIES = ("temperature_c", "humidity_pct", "pressure_hpa")
@@ -459,7 +460,7 @@ def test_ledger_that_cannot_record_holds_back_every_ack(tmp_path, kind):
 
 CRASH_SCRIPT = r"""
 import os, signal, sys
-from host_tools import ledger
+from host_tools.receive import ledger
 sys.path.insert(0, sys.argv[3])
 import test_ledger
 
@@ -554,7 +555,7 @@ def test_stdout_to_a_file_gets_no_ledger_named_after_stdout(tmp_path):
     directory, shared by every later run)."""
     script = (
         "import sys\n"
-        "from host_tools.sinks import JsonlSink\n"
+        "from host_tools.receive.sinks import JsonlSink\n"
         "s = JsonlSink(sys.stdout)\n"
         "rows = [(7, 1, 5.0, 'temperature_c', 1.0)]\n"
         "print(s.write(rows), s.write(rows), file=sys.stderr)\n"

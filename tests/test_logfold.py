@@ -1,4 +1,4 @@
-# The folding log (host_tools/logfold.py): first lines pass, repeats fold into one counted
+# The folding log (host_tools/receive/logfold.py): first lines pass, repeats fold into one counted
 # summary, a global per-second cap, a bound on kinds tracked; a fake clock and a real handler.
 import itertools
 import logging
@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from host_tools.logfold import FoldingLog
+from host_tools.receive.logfold import FoldingLog
 
 REJECTED = "frame rejected reason=%s node=%s len=%d: %s"
 BAD_TAG = "bad tag for node 7 (wrong key or corrupted frame)"

@@ -1,12 +1,12 @@
 # LoRa end to end: node firmware with the LoRa link and the gateway firmware, each a real
-# MicroPython process on the simulated board, sharing the simulated air (host_tools/air.py:
+# MicroPython process on the simulated board, sharing the simulated air (host_tools/sim/air.py:
 # time on air, collisions, range); the gateway forwards over gwlink to the receiver.
 import sqlite3
 
-from host_tools import weather
-from host_tools.fleet import LORA_NODE_HEAP, Fleet, NodeSpec
-from host_tools.receiver import Receiver, Verifier
-from host_tools.sinks import SqliteSink
+from host_tools.receive.receiver import Receiver, Verifier
+from host_tools.receive.sinks import SqliteSink
+from host_tools.sim import weather
+from host_tools.sim.fleet import LORA_NODE_HEAP, Fleet, NodeSpec
 
 START = 1782864000
 KEY = bytes(range(16))

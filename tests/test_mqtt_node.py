@@ -14,8 +14,9 @@ import paho.mqtt.client as paho
 import pytest
 from test_sinks_mqtt import Mosquitto, free_port
 
-from host_tools import build, flash, weather
-from host_tools.fleet import NODE_HEAP, Fleet, NodeSpec
+from host_tools import build, flash
+from host_tools.sim import weather
+from host_tools.sim.fleet import NODE_HEAP, Fleet, NodeSpec
 from protocols import frame, uplink
 
 KEY = bytes(range(16))

@@ -1,6 +1,6 @@
-# MQTT uplink (host_tools/mqtt.py MqttUplinkSource, `citynode receive --mqtt-up`) against a real
-# mosquitto on loopback (tests/test_sinks_mqtt.py starts it; without it these tests skip): nodes
-# publish v2 frames on citynode/up/<id> and take acks on citynode/down/<id>; three real
+# MQTT uplink (host_tools/receive/mqtt.py MqttUplinkSource, `citynode receive --mqtt-up`) against a
+# real mosquitto on loopback (tests/test_sinks_mqtt.py starts it; without it these tests skip):
+# nodes publish v2 frames on citynode/up/<id> and take acks on citynode/down/<id>; three real
 # receivers share one subscription and one SQLite file, and one of them is SIGKILLed mid-run.
 
 import contextlib
@@ -23,9 +23,9 @@ from conftest import ReceiveProcess
 from test_sinks_mqtt import Mosquitto, Subscriber, wait_until
 
 from host_tools.keys import save_keys
-from host_tools.mqtt import DOWN_TOPIC, UP_TOPIC, MqttUplinkSource, up_node_id
-from host_tools.receiver import MAX_DATAGRAM, Intake
-from host_tools.sinks import SinkError
+from host_tools.receive.mqtt import DOWN_TOPIC, UP_TOPIC, MqttUplinkSource, up_node_id
+from host_tools.receive.receiver import MAX_DATAGRAM, Intake
+from host_tools.receive.sinks import SinkError
 from protocols import frame, uplink
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,10 +11,10 @@ import time
 import pytest
 from conftest import shared_trace
 
-from host_tools import weather
-from host_tools.fleet import NODE_HEAP, NODE_MIN_HEAP, Fleet, FleetError, NodeSpec
-from host_tools.receiver import Receiver, Verifier
-from host_tools.sinks import SqliteSink
+from host_tools.receive.receiver import Receiver, Verifier
+from host_tools.receive.sinks import SqliteSink
+from host_tools.sim import weather
+from host_tools.sim.fleet import NODE_HEAP, NODE_MIN_HEAP, Fleet, FleetError, NodeSpec
 from protocols import frame, uplink
 
 KEY = bytes(range(16))

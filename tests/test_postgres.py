@@ -1,4 +1,4 @@
-# Tests for host_tools/pg.py against a real PostgreSQL 15 (tests/pg_server.py starts one on
+# Tests for host_tools/receive/pg.py against a real PostgreSQL 15 (tests/pg_server.py starts one on
 # 127.0.0.1): schema and its upgrades, copies as no-ops, concurrent receivers, a server
 # restarted mid-run, the shared replay windows and node keys, errors that hide the password.
 
@@ -11,11 +11,11 @@ import psycopg
 import pytest
 
 from host_tools import keys as keyfile
-from host_tools import pg
 from host_tools.keys import KeyFileError, NodeKeys, Registry
-from host_tools.pg import PgKeyStore, PgReplayStore, PostgresSink, merge_window
-from host_tools.receiver import Receiver, StateError, Verifier, key_id
-from host_tools.sinks import SinkError
+from host_tools.receive import pg
+from host_tools.receive.pg import PgKeyStore, PgReplayStore, PostgresSink, merge_window
+from host_tools.receive.receiver import Receiver, StateError, Verifier, key_id
+from host_tools.receive.sinks import SinkError
 from protocols import frame, uplink
 
 pytest_plugins = ["pg_server"]  # the fixtures pg_server (one per session) and pg_url

@@ -120,7 +120,7 @@ def test_receive_with_an_unreachable_postgres_is_one_line(tmp_path):
 
 def test_keys_pushed_keep_every_key_still_in_its_grace(tmp_path, pg_url):
     from host_tools.keys import load_accepted_keys
-    from host_tools.pg import PgKeyStore
+    from host_tools.receive.pg import PgKeyStore
 
     keys = tmp_path / "keys.json"
     for args in (("add", 7), ("rotate", 7), ("rotate", 7), ("push", pg_url)):

@@ -21,7 +21,7 @@ from test_sinks_http import WebhookServer
 from test_sinks_mqtt import Mosquitto, Subscriber
 
 from host_tools.keys import save_keys
-from host_tools.sinks import reading_id
+from host_tools.receive.sinks import reading_id
 from protocols import frame, uplink
 
 REPO = Path(__file__).resolve().parent.parent
@@ -537,8 +537,8 @@ def one_frame(node, seq, raw=2150):
 
 
 def test_batch_dedupes_copies_and_commits_once():
-    from host_tools.receiver import Receiver as Core
-    from host_tools.receiver import Verifier
+    from host_tools.receive.receiver import Receiver as Core
+    from host_tools.receive.receiver import Verifier
 
     class CountingSink(FailingSink):
         writes = 0
@@ -562,8 +562,8 @@ def test_batch_dedupes_copies_and_commits_once():
 
 
 def test_batch_sink_failure_acks_nothing_and_keeps_receive_times():
-    from host_tools.receiver import Receiver as Core
-    from host_tools.receiver import Verifier
+    from host_tools.receive.receiver import Receiver as Core
+    from host_tools.receive.receiver import Verifier
 
     sink = FailingSink()
     now = [1_700_000_000.0]
@@ -586,9 +586,9 @@ def test_batch_sink_failure_acks_nothing_and_keeps_receive_times():
 def test_serve_and_udp_source_on_real_sockets(tmp_path):
     import threading as th
 
-    from host_tools.receiver import Intake, UdpSource, Verifier, serve
-    from host_tools.receiver import Receiver as Core
-    from host_tools.sinks import SqliteSink
+    from host_tools.receive.receiver import Intake, UdpSource, Verifier, serve
+    from host_tools.receive.receiver import Receiver as Core
+    from host_tools.receive.sinks import SqliteSink
 
     sink = SqliteSink(tmp_path / "rx.db")
     core = Core(Verifier(NODES), sink)

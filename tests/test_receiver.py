@@ -1,5 +1,5 @@
-# Tests for host_tools/receiver.py and host_tools/sinks.py: verification, replay window,
-# timestamps, ack-after-durable, and the UDP loop on real sockets, with real SQLite files.
+# Tests for host_tools/receive/receiver.py and host_tools/receive/sinks.py: verification, replay
+# window, timestamps, ack-after-durable, and the UDP loop on real sockets, with real SQLite files.
 
 import collections
 import io
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_tools.receiver import (
+from host_tools.receive.receiver import (
     Receiver,
     Rejected,
     ReplayStore,
@@ -24,7 +24,7 @@ from host_tools.receiver import (
     frame_rows,
     serve_udp,
 )
-from host_tools.sinks import JsonlSink, SinkError, SqliteSink, TeeSink
+from host_tools.receive.sinks import JsonlSink, SinkError, SqliteSink, TeeSink
 from protocols import frame, uplink
 
 KEY7 = bytes(range(16))
@@ -497,7 +497,7 @@ def test_sqlite_schema_1_file_is_upgraded_in_place(tmp_path):
     ids=["other_columns", "bad_rows"],
 )
 def test_replay_state_with_bad_contents_is_a_clear_error_or_skipped(tmp_path, setup):
-    from host_tools.receiver import StateError
+    from host_tools.receive.receiver import StateError
 
     path = tmp_path / "keys.json.replay"
     with sqlite3.connect(path) as db:
@@ -726,7 +726,7 @@ def test_a_replay_state_that_cannot_be_saved_still_acks_durable_readings(caplog)
 
 
 def test_intake_is_bounded_in_bytes_as_well_as_datagrams():
-    from host_tools.receiver import Intake
+    from host_tools.receive.receiver import Intake
 
     intake = Intake(maxsize=100, max_bytes=1000)
     assert all(intake.put(b"x" * 200, None, 1.0) for _ in range(5))
@@ -740,7 +740,7 @@ def test_intake_is_bounded_in_bytes_as_well_as_datagrams():
 
 
 def test_udp_source_stamps_the_read_time_and_drops_oversize_datagrams():
-    from host_tools.receiver import MAX_DATAGRAM, Intake, UdpSource
+    from host_tools.receive.receiver import MAX_DATAGRAM, Intake, UdpSource
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))

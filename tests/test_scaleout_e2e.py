@@ -27,7 +27,7 @@ from test_mqtt_uplink import CONNECTED, live_counters, stop
 from test_sinks_mqtt import Mosquitto
 
 from host_tools.keys import save_keys
-from host_tools.mqtt import DOWN_TOPIC, UP_TOPIC
+from host_tools.receive.mqtt import DOWN_TOPIC, UP_TOPIC
 from protocols import frame, uplink
 
 pytest_plugins = ["pg_server"]

@@ -1,6 +1,7 @@
-# Tests for `citynode sim-board` (host_tools/simboard.py, boards/sim_boot.py): the real mpremote
-# program and raw pyserial talk to it as to a USB board; its filesystem is a littlefs image; a
-# flashed node survives the README's maintenance commands and its --fault hangs and crashes.
+# Tests for `citynode sim-board` (host_tools/sim/simboard.py, boards/sim/boot.py): the real
+# mpremote program and raw pyserial talk to it as to a USB board; its filesystem is a littlefs
+# image; a flashed node survives the README's maintenance commands and its --fault hangs and
+# crashes.
 
 import re
 import shlex
@@ -13,7 +14,7 @@ import pytest
 import serial
 
 from host_tools import build
-from host_tools.simboard import DEFAULT_HEAP, SimBoardError, SimBoardProcess, parse_size
+from host_tools.sim.simboard import DEFAULT_HEAP, SimBoardError, SimBoardProcess, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from host_tools.forward import Backoff, Forwarder
-from host_tools.sinks import (
+from host_tools.receive.forward import Backoff, Forwarder
+from host_tools.receive.sinks import (
     ANSWER_MAX,
     DeliveryError,
     InfluxFileSink,
@@ -33,7 +33,7 @@ from host_tools.sinks import (
     reading_json,
     retry_after_s,
 )
-from host_tools.spool import Spool
+from host_tools.receive.spool import Spool
 
 ROWS = [
     (17, 40312, 1_700_000_000.25, "temperature_c", 21.5),

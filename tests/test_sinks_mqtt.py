@@ -1,7 +1,7 @@
-# Tests for host_tools/mqtt.py against a real broker: Debian's mosquitto, started here on a free
-# port of 127.0.0.1 (tools/system-deps.sh installs it; without it these tests skip, except in CI
-# as root, where they must run). The sink (readings; Home Assistant discovery, availability with a
-# last will, retained newest states; broker stopped and restarted) and the source (frames in from
+# Tests for host_tools/receive/mqtt.py against a real broker: Debian's mosquitto, started here on a
+# free port of 127.0.0.1 (tools/system-deps.sh installs it; without it these tests skip, except in
+# CI as root, where they must run). The sink (readings; Home Assistant discovery, availability with
+# a last will, retained newest states; broker stopped and restarted) and the source (frames in from
 # a gateway's topic, acks back).
 
 import json
@@ -19,12 +19,12 @@ import paho.mqtt.client as paho
 import pytest
 
 from firmware import FW_VERSION
-from host_tools import mqtt
-from host_tools.forward import Backoff, Forwarder
-from host_tools.mqtt import MqttSink, MqttSource, MqttUrl, ha_discovery
-from host_tools.receiver import Intake, Receiver, Verifier, serve
-from host_tools.sinks import DeliveryError, SinkError, reading_id, reading_json
-from host_tools.spool import Spool
+from host_tools.receive import mqtt
+from host_tools.receive.forward import Backoff, Forwarder
+from host_tools.receive.mqtt import MqttSink, MqttSource, MqttUrl, ha_discovery
+from host_tools.receive.receiver import Intake, Receiver, Verifier, serve
+from host_tools.receive.sinks import DeliveryError, SinkError, reading_id, reading_json
+from host_tools.receive.spool import Spool
 from protocols import frame, uplink
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -385,7 +385,7 @@ def test_sink_without_discovery_publishes_readings_only(broker):
 
 RECEIVER = """
 import sys, time
-from host_tools.mqtt import MqttSink
+from host_tools.receive.mqtt import MqttSink
 sink = MqttSink(sys.argv[1], ha_prefix="homeassistant", timeout=5)
 sink.deliver([(17, 1, 1_700_000_000.0, "temperature_c", 21.5)])
 print("delivered", flush=True)
@@ -594,7 +594,7 @@ def test_readings_spooled_twice_are_published_once(broker, tmp_path):
 
 
 def test_source_frames_in_acks_out(broker, tmp_path):
-    from host_tools.sinks import SqliteSink
+    from host_tools.receive.sinks import SqliteSink
 
     sink = SqliteSink(tmp_path / "r.db")
     receiver = Receiver(Verifier({7: KEY7}), sink)

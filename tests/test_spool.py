@@ -1,8 +1,8 @@
-# Tests for host_tools/spool.py and host_tools/forward.py: the on-disk spool (real SQLite files,
-# a real full disk on a small tmpfs when root), progress and pruning, restart, back-off, and
-# forwarders that keep every reading through a sink that fails, hangs or raises; each reading
-# spooled and forwarded once whatever copies arrive (its ledger of reading identities); batches
-# refused for good kept as dead letters and queued again; Retry-After waited for.
+# Tests for host_tools/receive/spool.py and host_tools/receive/forward.py: the on-disk spool (real
+# SQLite files, a real full disk on a small tmpfs when root), progress and pruning, restart,
+# back-off, and forwarders that keep every reading through a sink that fails, hangs or raises; each
+# reading spooled and forwarded once whatever copies arrive (its ledger of reading identities);
+# batches refused for good kept as dead letters and queued again; Retry-After waited for.
 
 import errno
 import logging
@@ -17,10 +17,10 @@ import uuid
 
 import pytest
 
-from host_tools.forward import Backoff, Forwarder
-from host_tools.receiver import Receiver, Verifier
-from host_tools.sinks import DeliveryError, SinkError, SqliteSink, TeeSink, is_disk_full
-from host_tools.spool import Spool, SpoolFull
+from host_tools.receive.forward import Backoff, Forwarder
+from host_tools.receive.receiver import Receiver, Verifier
+from host_tools.receive.sinks import DeliveryError, SinkError, SqliteSink, TeeSink, is_disk_full
+from host_tools.receive.spool import Spool, SpoolFull
 from protocols import frame
 
 KEY7 = bytes(range(16))
@@ -142,7 +142,7 @@ def test_spooled_rows_survive_a_killed_process(tmp_path):
     path = tmp_path / "spool.db"
     script = (
         "import os, signal, sys\n"
-        "from host_tools.spool import Spool\n"
+        "from host_tools.receive.spool import Spool\n"
         "s = Spool(sys.argv[1])\n"
         "s.register('a')\n"
         "for i in range(50):\n"

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_tools.weather import HEADER, generate, read_trace, write_trace
+from host_tools.sim.weather import HEADER, generate, read_trace, write_trace
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 JAN_1_2025 = int(datetime(2025, 1, 1, tzinfo=UTC).timestamp())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs beyond the venv: mosquitto (the real MQTT broker the MQTT
 # sink and `citynode receive` end-to-end tests start on a free port) and PostgreSQL 15 (the
-# server tests/pg_server.py starts in a temp dir on a free port, for host_tools/pg.py). Run by
+# server tests/pg_server.py starts in a temp dir on a free port, for host_tools/receive/pg.py). Run by
 # `make test`.
 #
 # Idempotent and quiet: installs only what is missing, with apt-get, and only as root; prints one

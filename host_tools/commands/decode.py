@@ -8,7 +8,7 @@ import time
 
 from host_tools.commands import CliError
 from host_tools.keys import load_keys_or_single
-from host_tools.receiver import iter_readings
+from host_tools.receive.receiver import iter_readings
 from protocols import frame, uplink
 
 

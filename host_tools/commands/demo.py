@@ -1,4 +1,4 @@
-# `citynode demo`: a simulated fleet end to end (the work is in host_tools/demo.py). Each
+# `citynode demo`: a simulated fleet end to end (the work is in host_tools/sim/demo.py). Each
 # option's range is checked here as it is parsed; what options say together, and the files
 # they name, by demo.check_args() before anything runs.
 
@@ -10,12 +10,12 @@ from host_tools.commands import CliError
 
 # Every node is a MicroPython process answered in lockstep by one simulator thread: 128 nodes
 # run, at 200 the simulator falls so far behind that nodes give up waiting for its replies
-# (boards/sim.py) and the run fails after 10 minutes (2 CPUs). 100 leaves room for a slower
+# (boards/sim/board.py) and the run fails after 10 minutes (2 CPUs). 100 leaves room for a slower
 # machine; node ids 1000 and up are the LoRa gateways', so nodes could never pass 999.
 MAX_NODES = 100
 MAX_HOURS = 366 * 24  # a year; demo.MAX_READINGS bounds nodes x hours
 MAX_INTERVAL_S = 86400  # as a node's config allows (firmware/config.py)
-# A node's heap: NODE_MIN_HEAP (host_tools/fleet.py) is the smallest it runs in, but smaller
+# A node's heap: NODE_MIN_HEAP (host_tools/sim/fleet.py) is the smallest it runs in, but smaller
 # ones may be tried (bench/node_cycle.py does: the node resets and the demo says so); under
 # MIN_HEAP MicroPython cannot even load the firmware. No board has more than an ESP32 with 4 MB
 # of PSRAM, and a hundred nodes of 4 MB still fit in memory.
@@ -58,7 +58,7 @@ def heap_bytes(text):
 
 
 def _heap(text):
-    from host_tools.fleet import NODE_MIN_HEAP
+    from host_tools.sim.fleet import NODE_MIN_HEAP
 
     try:
         size = heap_bytes(text)
@@ -136,7 +136,7 @@ def add_arguments(p):
     p.add_argument(
         "--heap",
         type=_heap,
-        help="each node's MicroPython heap (default 80K, see host_tools/fleet.py)",
+        help="each node's MicroPython heap (default 80K, see host_tools/sim/fleet.py)",
     )
     p.add_argument(
         "--idle",
@@ -148,8 +148,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from host_tools import demo
-    from host_tools.fleet import FleetError
+    from host_tools.sim import demo
+    from host_tools.sim.fleet import FleetError
 
     try:
         return demo.main(args)

@@ -167,8 +167,8 @@ def _add(args, path, now):
 
 
 def _push(args, path, now):
-    from host_tools.pg import PgKeyStore
-    from host_tools.sinks import SinkError
+    from host_tools.receive.pg import PgKeyStore
+    from host_tools.receive.sinks import SinkError
 
     if not args.url.startswith(("postgresql://", "postgres://")):
         raise CliError("push: expected a postgresql:// URL, got %r" % args.url)

@@ -19,8 +19,8 @@ import time
 
 from host_tools.commands import CliError
 from host_tools.keys import KeyFileError, load_accepted_keys
-from host_tools.receiver import Intake, Receiver, UdpSource, Verifier, counters_line, serve
-from host_tools.sinks import (
+from host_tools.receive.receiver import Intake, Receiver, UdpSource, Verifier, counters_line, serve
+from host_tools.receive.sinks import (
     InfluxFileSink,
     InfluxHttpSink,
     JsonlSink,
@@ -192,7 +192,7 @@ def _bind_udp(text):
 
 def _remote_sinks(args):
     """The remote sinks asked for (not yet connected: that is the forwarders' job)."""
-    from host_tools.mqtt import MqttSink
+    from host_tools.receive.mqtt import MqttSink
 
     timeout = args.sink_timeout
     if timeout <= 0:
@@ -219,7 +219,7 @@ def _load_keys(source):
     """Every key a frame may be signed with, per node: from a key file (refused unless 0600)
     or from PostgreSQL (`citynode keys push URL` puts a key file there)."""
     if _is_pg(source):
-        from host_tools.pg import PgKeyStore
+        from host_tools.receive.pg import PgKeyStore
 
         store = PgKeyStore(source)
         try:
@@ -236,7 +236,7 @@ def _local_sinks(args, spool):
     remote = args.webhook or args.mqtt_out or (args.influx or "").startswith("http")
     try:
         if args.db and _is_pg(args.db):
-            from host_tools.pg import PostgresSink
+            from host_tools.receive.pg import PostgresSink
 
             sinks.append(PostgresSink(args.db))
         elif args.db or not (args.jsonl or args.influx or remote):
@@ -259,7 +259,7 @@ def _local_sinks(args, spool):
 
 
 def _sources(args):
-    from host_tools.mqtt import MqttSource, MqttUplinkSource
+    from host_tools.receive.mqtt import MqttSource, MqttUplinkSource
 
     sources = []
     try:
@@ -278,7 +278,7 @@ def _sources(args):
                 )
         sources.extend(uplinks)
         if args.serial:  # one source for every line, so that copies can be merged
-            from host_tools.gateway_serial import SerialGatewaySource
+            from host_tools.receive.gateway_serial import SerialGatewaySource
 
             sources.append(SerialGatewaySource(args.serial, baudrate=args.serial_baud))
     except BaseException:
@@ -377,7 +377,7 @@ def show_status(path, silent_after=3):
     now = time.time()
     age = now - doc.get("time", 0)
     print(json.dumps(doc, indent=1, sort_keys=True))
-    from host_tools.health import problems_of_snapshot
+    from host_tools.receive.health import problems_of_snapshot
 
     for node_id, what in problems_of_snapshot(doc, now, silent_after):
         print("citynode: node %d: %s" % (node_id, what), file=sys.stderr)
@@ -416,7 +416,7 @@ def run(args):
     remote = _remote_sinks(args)
     spool = None
     if remote:
-        from host_tools.spool import Spool
+        from host_tools.receive.spool import Spool
 
         max_bytes = int(args.spool_max_mb * 1e6) if args.spool_max_mb else None
         spool = Spool(args.spool or DEFAULT_SPOOL, max_bytes=max_bytes)
@@ -433,7 +433,7 @@ def run(args):
             spool.close()
         raise
     try:
-        from host_tools.forward import Backoff, Forwarder
+        from host_tools.receive.forward import Backoff, Forwarder
 
         forwarders = [
             Forwarder(spool, s, backoff=Backoff(min(0.5, args.retry_max), args.retry_max))
@@ -455,11 +455,11 @@ def run(args):
     else:
         state = args.keys + ".replay"
     if state != "none":
-        from host_tools.receiver import ReplayStore, StateError
+        from host_tools.receive.receiver import ReplayStore, StateError
 
         try:
             if _is_pg(state):
-                from host_tools.pg import PgReplayStore
+                from host_tools.receive.pg import PgReplayStore
 
                 store = PgReplayStore(state)
             else:
@@ -492,7 +492,7 @@ def run(args):
 def _restore_health(receiver, path):
     """What the receiver knew of each node before a restart, from its last status file, so
     that `receive --status` still names a node that went silent meanwhile."""
-    from host_tools.health import from_snapshot
+    from host_tools.receive.health import from_snapshot
 
     try:
         with open(path, encoding="utf-8") as f:

@@ -1,8 +1,8 @@
-# `citynode sim-board`: a simulated board on a pseudo-terminal (host_tools/simboard.py) that
+# `citynode sim-board`: a simulated board on a pseudo-terminal (host_tools/sim/simboard.py) that
 # mpremote and `citynode flash` talk to like a USB board; prints the port's path first.
 
-from host_tools import simboard
 from host_tools.commands import CliError
+from host_tools.sim import simboard
 
 
 def add_arguments(p):

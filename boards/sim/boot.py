@@ -1,11 +1,11 @@
-# Boot script of the simulated board (`citynode sim-board`, host_tools/simboard.py): mounts the
+# Boot script of the simulated board (`citynode sim-board`, host_tools/sim/simboard.py): mounts the
 # board's littlefs image at "/", sets sys.path as a board does, gives `machine` a reset(), and runs
 # /boot.py and /main.py; then the unix port's own REPL (started with -i) takes the serial line.
 #
 # Run as `micropython -X heapsize=64K -i sim_boot.py IMAGE MODE [format] [arm] [FAULT=S ...]`:
 # MODE "run" (power-on, hard or soft reset from the friendly REPL: boot.py then main.py) or "raw"
 # (soft reset from the raw REPL: boot.py only, as a real board does). FAULT=S (hang_at_s=30,
-# crash_at_s=60: `citynode sim-board --fault`) gives the sim board's node boards/sim_faults.py's
+# crash_at_s=60: `citynode sim-board --fault`) gives the sim board's node boards/sim/faults.py's
 # faults, as config "sim": {"faults"} does in the fleet simulator; "arm" (the first boot of a
 # sim-board run) forgets the faults that fired in an earlier run. The last thing it writes is
 # _DONE, which the host strips from the serial stream: it marks where the board's own REPL
@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
 
 
 _BLOCK = const(4096)  # a NOR flash sector, the block size of the ESP32 and rp2 littlefs
-_RESET_EXIT = const(3)  # exit status meaning "reset me" (boards/sim.py RESET_EXIT)
+_RESET_EXIT = const(3)  # exit status meaning "reset me" (boards/sim/board.py RESET_EXIT)
 _BAD_IMAGE_EXIT = const(4)  # the image is not littlefs: the host refuses to start
 _UP = "\x00sim-up\x00"
 _DONE = "\x00sim-boot\x00"
@@ -73,19 +73,19 @@ class _Machine:
 
 def _inject_faults(faults, arm):
     """Give the sim board's node the faults of `citynode sim-board --fault`: its driver hangs
-    or raises once, at a time after boot (boards/sim_faults.py). In real time boards/sim.py
+    or raises once, at a time after boot (boards/sim/faults.py). In real time boards/sim/board.py
     neither checks faults nor its watchdog, so the sim board is wrapped to check them."""
     import os
 
-    if arm:  # the marker files of boards/sim_faults.py: each fault fires once per run
+    if arm:  # the marker files of boards/sim/faults.py: each fault fires once per run
         for name in ("sim_fault_hang", "sim_fault_crash"):
             try:
                 os.remove(name)
             except OSError:
                 pass
     try:
-        from boards import sim
-        from boards.sim_faults import Faults
+        from boards.sim import board as sim
+        from boards.sim.faults import Faults
     except ImportError:
         return  # no sim node on this flash (not flashed, or another board): nothing to break
     base = sim.Board

@@ -1,7 +1,8 @@
 # Spool: readings on their way to remote sinks (webhook, MQTT, InfluxDB over HTTP), kept on disk
 # so a frame can be acked before a remote end has confirmed it. The receiver writes it like any
-# local sink (the ack waits for the commit); one forwarder per remote sink (host_tools/forward.py)
-# reads through it with a progress mark of its own; rows every sink has passed are deleted.
+# local sink (the ack waits for the commit); one forwarder per remote sink
+# (host_tools/receive/forward.py) reads through it with a progress mark of its own; rows every sink
+# has passed are deleted.
 #
 # It is an SQLite file: WAL, synchronous=FULL (each commit survives a power cut), AUTOINCREMENT
 # ids (never reused after a delete, so a progress mark stays meaningful). A full disk, or the
@@ -14,7 +15,7 @@
 # it, and carries on with the next batch. Nothing is lost: once the cause is fixed, an operator
 # puts them back in the queue of that sink alone (the other sinks have them) with the receiver
 # running or not, the sink named as in the log and the status file:
-#   python -c "from host_tools.spool import Spool
+#   python -c "from host_tools.receive.spool import Spool
 #   print(Spool('citynode-spool.db').requeue('webhook https://example.org/readings'))"
 # Spool.dead_letters() lists them. They count towards the size limit until queued again.
 
@@ -24,8 +25,8 @@ import sqlite3
 import threading
 import time
 
-from host_tools.ledger import SqlRanges
-from host_tools.sinks import SinkError, is_disk_full
+from host_tools.receive.ledger import SqlRanges
+from host_tools.receive.sinks import SinkError, is_disk_full
 
 _SCHEMA = (
     # sink: NULL for a row every consumer delivers; a consumer's name for a dead letter put back

@@ -11,18 +11,18 @@
 # however often a copy arrives (a frame re-sent after a lost ack, heard by two gateways,
 # replayed, released late, received by two receivers): the copy is dropped and the first
 # accepted timestamp stands. SQLite has it as a unique key; the spool keeps the index ranges it
-# has taken (host_tools/ledger.py) in the same transaction as the rows; the JSON-lines and
+# has taken (host_tools/receive/ledger.py) in the same transaction as the rows; the JSON-lines and
 # InfluxDB files keep them in a ledger file beside them.
 #
 # Two kinds of sink. Local ones (SQLite, JSON lines, an InfluxDB line-protocol file) have
 # write(rows) and are written before the ack. Remote ones (HTTP webhook, InfluxDB over HTTP, and
-# MQTT in host_tools/mqtt.py) have deliver(rows) and a stable `name`: the receiver never waits
-# for them; readings go to the on-disk spool (host_tools/spool.py) and host_tools/forward.py
-# delivers them, retrying until the remote end confirms, or moving a batch it refuses for good
-# (an HTTP 4xx) to the spool's dead letters. Delivery is at least once; every reading carries
-# its id (reading_id: "node_id/reading_index/quantity") so the backend drops the copies a retry
-# may bring: exactly once from its point of view. A remote sink's `name` (logs, the status file)
-# never shows the credentials of its URL.
+# MQTT in host_tools/receive/mqtt.py) have deliver(rows) and a stable `name`: the receiver never
+# waits for them; readings go to the on-disk spool (host_tools/receive/spool.py) and
+# host_tools/receive/forward.py delivers them, retrying until the remote end confirms, or moving a
+# batch it refuses for good (an HTTP 4xx) to the spool's dead letters. Delivery is at least once;
+# every reading carries its id (reading_id: "node_id/reading_index/quantity") so the backend drops
+# the copies a retry may bring: exactly once from its point of view. A remote sink's `name` (logs,
+# the status file) never shows the credentials of its URL.
 
 import base64
 import datetime
@@ -39,7 +39,7 @@ import stat
 import time
 import urllib.parse
 
-from host_tools.ledger import FileLedger, MemoryLedger
+from host_tools.receive.ledger import FileLedger, MemoryLedger
 
 log = logging.getLogger("citynode.sinks")
 

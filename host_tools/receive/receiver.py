@@ -3,10 +3,10 @@
 #
 # Timestamps (protocols/frame.py): a reading's UTC time = time the frame was received - its age.
 #
-# Sources (UDP here; gateways and nodes over MQTT in host_tools/mqtt.py; LoRa gateways on a serial
-# line in host_tools/gateway_serial.py) all feed one Intake;
-# serve() drains it in batches on one thread and group-commits each batch: one durable sink write
-# for every frame in it, then one ack per accepted frame. A source is any object with
+# Sources (UDP here; gateways and nodes over MQTT in host_tools/receive/mqtt.py; LoRa gateways on a
+# serial line in host_tools/receive/gateway_serial.py) all feed one Intake; serve() drains it in
+# batches on one thread and group-commits each batch: one durable sink write for every frame in it,
+# then one ack per accepted frame. A source is any object with
 #     name            str, for logs and status ("udp 0.0.0.0:1700")
 #     counters        collections.Counter of its own (it runs on its own thread)
 #     start(intake)   begin delivering: intake.put(datagram, reply, rx_time=None)
@@ -23,8 +23,8 @@ import sqlite3
 import threading
 import time
 
-from host_tools.health import Health
-from host_tools.logfold import FoldingLog
+from host_tools.receive.health import Health
+from host_tools.receive.logfold import FoldingLog
 from protocols import frame, uplink
 
 # A frame is at most 255 bytes (SPEC.md). Sources read at most MAX_DATAGRAM bytes of a datagram

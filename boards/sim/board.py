@@ -42,16 +42,16 @@ class Board:
         self._udp = None  # the socket udp_socket() made: in lockstep the simulator feeds it
         self._virtual_ms = 0
         self._control = None
-        self.deep = raw.get("idle") == "deep"  # boards/hw.py's deep sleep: boards/sim_deep.py
+        self.deep = raw.get("idle") == "deep"  # boards/hw.py's deep sleep: boards/sim/deep.py
         if self.deep:
-            from boards import sim_deep
+            from boards.sim import deep as sim_deep
 
             sim_deep.attach(self, raw)
         self.ended = False  # woken from deep sleep after the simulated world ended
-        # Fault injection for tests (boards/sim_faults.py): loaded only when configured.
+        # Fault injection for tests (boards/sim/faults.py): loaded only when configured.
         self._faults = None
         if sim.get("faults"):
-            from boards.sim_faults import Faults
+            from boards.sim.faults import Faults
 
             self._faults = Faults(sim["faults"])
         clock = sim.get("clock")
@@ -67,7 +67,7 @@ class Board:
             self._i2c = _BridgedI2C(self)
         else:
             self._t0 = time.ticks_ms()
-            from boards.sim_bme280 import SimBME280, SimI2C
+            from boards.sim.bme280 import SimBME280, SimI2C
 
             devices = {}
             if sim.get("bme280", True):
@@ -170,7 +170,7 @@ class Board:
         {"freq_khz", "sf", "output_power"}); only in lockstep with the fleet simulator."""
         if self._control is None:
             raise ValueError("config: the sim board's radio needs the fleet simulator (sim.clock)")
-        from boards.sim_radio import modem
+        from boards.sim.radio import modem
 
         return modem(self, self._lora)
 

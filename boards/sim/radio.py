@@ -1,5 +1,5 @@
 # The simulated board's LoRa radio: micropython-lib's modem API (lora-sync: configure, send,
-# recv, get_time_on_air_us) over the fleet simulator's shared air (host_tools/air.py), which
+# recv, get_time_on_air_us) over the fleet simulator's shared air (host_tools/sim/air.py), which
 # decides time on air, collisions, range, RSSI and SNR. Loaded only by boards with a radio.
 
 from firmware.airtime import time_on_air_us

@@ -54,7 +54,7 @@ class SimBME280:
         if calib:
             values.update(calib)
         if calib:
-            from boards.sim_world import check_calibration
+            from boards.sim.world import check_calibration
 
             check_calibration(values)
         self.calib = values
@@ -209,7 +209,7 @@ class SimBME280:
     def set_environment(self, temperature_c, humidity_pct, pressure_hpa):
         """Set the raw values whose compensation comes closest to these conditions; returns
         (adc_t, adc_p, adc_h). The search lives in sim_world.py, off the board's heap."""
-        from boards.sim_world import raw_for
+        from boards.sim.world import raw_for
 
         raw = raw_for(self.calibration, temperature_c, humidity_pct, pressure_hpa)
         self.set_raw(*raw)

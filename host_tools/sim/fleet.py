@@ -1,14 +1,13 @@
 # Fleet simulator: runs real firmware on the MicroPython unix port, one process per node, on the
 # simulated board, in lockstep with a virtual clock, and feeds their UDP frames to a receiver.
 #
-# Each node's board asks this simulator for time (boards/sim.py): "H <id>" at boot, "S <ms>" for
-# a short wait, "C <ms>" to sleep until its next sample (the world's next row), "R <ms>" to wait
-# for a downlink, "D <ms>" before it exits into deep sleep (it is started again at its next
-# sample, its clock counting on). Virtual time advances only when
-# every node is waiting, after the receiver has handled every datagram already sent, so a day of
-# readings takes seconds and every timestamp is exact. Replies: "W <ms since boot> [raw ADC]"
-# or "E" (the world, i.e. the trace, has ended: flush and stop; "E <ms>" to a node woken from
-# deep sleep after the end).
+# Each node's board asks this simulator for time (boards/sim/board.py): "H <id>" at boot, "S <ms>"
+# for a short wait, "C <ms>" to sleep until its next sample (the world's next row), "R <ms>" to
+# wait for a downlink, "D <ms>" before it exits into deep sleep (it is started again at its next
+# sample, its clock counting on). Virtual time advances only when every node is waiting, after the
+# receiver has handled every datagram already sent, so a day of readings takes seconds and every
+# timestamp is exact. Replies: "W <ms since boot> [raw ADC]" or "E" (the world, i.e. the trace, has
+# ended: flush and stop; "E <ms>" to a node woken from deep sleep after the end).
 
 import bisect
 import json
@@ -20,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from boards.sim_bme280 import SimBME280, SimI2C
+from boards.sim.bme280 import SimBME280, SimI2C
 from host_tools import build
-from host_tools.air import Medium
+from host_tools.sim.air import Medium
 from protocols import frame, gwlink, uplink
 
 BOOT = "from firmware import main; main.run()"
@@ -37,8 +36,8 @@ NODE_HEAP = "80K"
 NODE_MIN_HEAP = "66K"
 LORA_NODE_HEAP = "96K"  # + the airtime governor and the radio (micropython-lib's on a board)
 ACK_FREQ_KHZ = 869525  # acks in the 10 % sub-band (FIELD.md), where the nodes listen for them
-RESET_EXIT = 3  # boards/sim.py: the node asked for a reset (crash, watchdog, machine.reset)
-DEEPSLEEP_EXIT = 4  # boards/sim.py: the node went into deep sleep ("D <ms>" said when)
+RESET_EXIT = 3  # boards/sim/board.py: the node asked for a reset (crash, watchdog, machine.reset)
+DEEPSLEEP_EXIT = 4  # boards/sim/board.py: the node went into deep sleep ("D <ms>" said when)
 MAX_RESETS = 20  # per node: a node that keeps resetting is a failed test, not a loop
 
 

@@ -1,14 +1,14 @@
-# Forwarders: deliver spooled readings (host_tools/spool.py) to remote sinks, one thread per
-# sink, so a slow, hanging or dead sink never holds up receiving or the other sinks.
+# Forwarders: deliver spooled readings (host_tools/receive/spool.py) to remote sinks, one thread
+# per sink, so a slow, hanging or dead sink never holds up receiving or the other sinks.
 #
 # Each forwarder reads a batch past its progress mark, hands it to sink.deliver(rows) (which
 # returns only once the remote end confirmed, within the sink's timeout), then moves the mark.
 # A failure is counted by reason, logged, and retried after an exponential back-off with jitter
 # (at least the Retry-After the remote end asked for, up to the back-off's cap); the same batch
 # is offered again, so delivery is at least once and the reading ids make it exactly once for a
-# backend that keeps one copy per id (host_tools/sinks.py). A batch the remote end refused for
-# good (DeliveryError.permanent: an HTTP 4xx) goes to the spool's dead letters, counted and
-# logged once, and the forwarder carries on with the next (host_tools/spool.py: requeue).
+# backend that keeps one copy per id (host_tools/receive/sinks.py). A batch the remote end refused
+# for good (DeliveryError.permanent: an HTTP 4xx) goes to the spool's dead letters, counted and
+# logged once, and the forwarder carries on with the next (host_tools/receive/spool.py: requeue).
 
 import collections
 import logging
@@ -16,7 +16,7 @@ import random
 import threading
 import time
 
-from host_tools.sinks import DeliveryError
+from host_tools.receive.sinks import DeliveryError
 
 
 class Backoff:

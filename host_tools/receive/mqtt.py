@@ -25,9 +25,9 @@ import urllib.parse
 
 import paho.mqtt.client as paho
 
-from host_tools.logfold import FoldingLog
-from host_tools.receiver import MAX_DATAGRAM
-from host_tools.sinks import DeliveryError, SinkError, reading_json
+from host_tools.receive.logfold import FoldingLog
+from host_tools.receive.receiver import MAX_DATAGRAM
+from host_tools.receive.sinks import DeliveryError, SinkError, reading_json
 from protocols import uplink
 from protocols.frame import MAX_U32, FrameError
 

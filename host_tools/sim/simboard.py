@@ -1,31 +1,32 @@
 # The simulated board behind `citynode sim-board`: the MicroPython unix port on a pseudo-terminal,
 # bridged to a second one that mpremote, `citynode flash` and technicians open like a USB port.
 #
-# Two pty pairs. The board side: the unix port runs boards/sim_boot.py with `-i` on its own pty,
+# Two pty pairs. The board side: the unix port runs boards/sim/boot.py with `-i` on its own pty,
 # which is also its controlling terminal, so Ctrl-C interrupts a running program (the port turns
 # ISIG on while it runs code and off at its REPL), and which hangs the port up if this process
 # dies. The technician's side: a pty whose path is printed first; it lives as long as this
 # process, across board resets. This process copies bytes between the two and restarts the unix
 # port whenever it exits:
-#   - exit status 3 (machine.reset() in sim_boot.py, board.reset() in boards/sim.py): a hard
-#     reset: boot.py and main.py run again;
+#   - exit status 3 (machine.reset() in boards/sim/boot.py, board.reset() in
+#     boards/sim/board.py): a hard reset: boot.py and main.py run again;
 #   - any other exit (Ctrl-D on an empty REPL line, sys.exit, machine.soft_reset): a soft reset:
 #     "MPY: soft reboot\r\n", then boot.py, then main.py when the REPL was the friendly one, or
 #     straight back to the raw REPL when it was the raw one (what mpremote waits for);
 #   - killed by a signal: a power cycle.
-# A SystemExit in boot.py or main.py (machine.reset(), a crash or the watchdog in boards/sim.py)
-# would take the unix port to its REPL (-i): sim_boot.py announces it (EXIT) and this process
-# ends the interpreter and restarts it as if it had exited with that status.
-# Input is held back until sim_boot.py says the image is mounted (a Ctrl-C before that could
-# leave the host's filesystem as "/"), and after a raw soft reset until the fresh REPL has been
-# put into the raw REPL (Ctrl-A; its friendly banner is hidden). Input the dying interpreter did
-# not read goes to the next one: mpremote on a pty waits forever for an answer to lost bytes.
-# Output: "\n" becomes "\r\n" outside the raw REPL, as a board's cooked stdout does; what nobody
-# reads is kept up to OUT_LIMIT bytes, then the oldest is dropped (a USB buffer does the same).
-# The board's flash is a littlefs image in a file (sim_boot.py mounts it at "/"), so mpremote's
-# `fs cp x :` and `:/lib/...` land in the image, never in the host's filesystem. Not a sandbox:
-# code run on the board can still call os.system() on the host. Faults (--fault hang-at=S) go to
-# sim_boot.py, which gives them to a flashed sim node as the fleet simulator's config does.
+# A SystemExit in boot.py or main.py (machine.reset(), a crash or the watchdog in
+# boards/sim/board.py) would take the unix port to its REPL (-i): boards/sim/boot.py announces it
+# (EXIT) and this process ends the interpreter and restarts it as if it had exited with that
+# status. Input is held back until boards/sim/boot.py says the image is mounted (a Ctrl-C before
+# that could leave the host's filesystem as "/"), and after a raw soft reset until the fresh REPL
+# has been put into the raw REPL (Ctrl-A; its friendly banner is hidden). Input the dying
+# interpreter did not read goes to the next one: mpremote on a pty waits forever for an answer to
+# lost bytes. Output: "\n" becomes "\r\n" outside the raw REPL, as a board's cooked stdout does;
+# what nobody reads is kept up to OUT_LIMIT bytes, then the oldest is dropped (a USB buffer does
+# the same). The board's flash is a littlefs image in a file (boards/sim/boot.py mounts it at "/"),
+# so mpremote's `fs cp x :` and `:/lib/...` land in the image, never in the host's filesystem. Not
+# a sandbox: code run on the board can still call os.system() on the host. Faults (--fault
+# hang-at=S) go to boards/sim/boot.py, which gives them to a flashed sim node as the fleet
+# simulator's config does.
 
 import errno
 import fcntl
@@ -43,14 +44,14 @@ import tty
 from pathlib import Path
 
 from host_tools import build
-from host_tools.fleet import NODE_HEAP
+from host_tools.sim.fleet import NODE_HEAP
 
-SIM_BOOT = build.ROOT / "boards" / "sim_boot.py"
-RESET_EXIT = 3  # boards/sim.py RESET_EXIT, sim_boot.py _RESET_EXIT
-BAD_IMAGE_EXIT = 4  # sim_boot.py _BAD_IMAGE_EXIT
-UP = b"\x00sim-up\x00"  # sim_boot.py _UP: the image is mounted, the board takes input
-DONE = b"\x00sim-boot\x00"  # sim_boot.py _DONE: the board's REPL starts after it
-EXIT = b"\x00sim-exit "  # sim_boot.py _EXIT: "<status>\x00" follows; the process must end
+SIM_BOOT = build.ROOT / "boards" / "sim" / "boot.py"
+RESET_EXIT = 3  # boards/sim/board.py RESET_EXIT, boards/sim/boot.py _RESET_EXIT
+BAD_IMAGE_EXIT = 4  # boards/sim/boot.py _BAD_IMAGE_EXIT
+UP = b"\x00sim-up\x00"  # boards/sim/boot.py _UP: the image is mounted, the board takes input
+DONE = b"\x00sim-boot\x00"  # boards/sim/boot.py _DONE: the board's REPL starts after it
+EXIT = b"\x00sim-exit "  # boards/sim/boot.py _EXIT: "<status>\x00" follows; the process must end
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n"
 SOFT_REBOOT = b"MPY: soft reboot\r\n"
 FRIENDLY_PROMPT = b">>> "
@@ -61,16 +62,16 @@ LITTLEFS_MAGIC = b"littlefs"
 OUT_LIMIT = 8192
 IN_LIMIT = 65536
 # The node's heap on this 64-bit port, as the fleet simulator gives it (NODE_HEAP, 80K: a 32-bit
-# board's ~100 KB less what the doubled pointers cost; see host_tools/fleet.py).
+# board's ~100 KB less what the doubled pointers cost; see host_tools/sim/fleet.py).
 DEFAULT_HEAP = NODE_HEAP
-# What the simulation keeps on the heap itself: sim_boot.py's code and globals, the littlefs
+# What the simulation keeps on the heap itself: boards/sim/boot.py's code and globals, the littlefs
 # mount, main.py's compiled two lines (measured 5.2 KB). The unix port gets --heap plus this, so
 # main.py starts with about as much free heap as `micropython -X heapsize=80K -c ...` (the fleet
 # simulator's and the firmware tests' way) gives a script: a board with nothing loaded.
 SIM_OVERHEAD = 5 * 1024
 QUICK_RESTARTS = 5  # main.py restarted this often after under RESTART_WINDOW_S: a boot loop
 RESTART_WINDOW_S = 2.0
-# --fault NAME=SECONDS: boards/sim_faults.py's faults, by their config "sim": {"faults"} keys.
+# --fault NAME=SECONDS: boards/sim/faults.py's faults, by their config "sim": {"faults"} keys.
 FAULTS = {
     "hang-at": "hang_at_s",  # the sensor driver hangs: the watchdog resets the node
     "crash-at": "crash_at_s",  # the sensor driver raises: the node logs, saves its log, resets
@@ -169,13 +170,14 @@ class SimBoard:
     def _state_reset(self):
         # starting: until UP (mounted; Ctrl-C is safe from here); boot: boot.py and main.py,
         # until DONE; hold: hiding the friendly banner before entering the raw REPL; repl;
-        # ended: sim_boot.py said a SystemExit ended main.py (EXIT), the process is being ended
+        # ended: boards/sim/boot.py said a SystemExit ended main.py (EXIT), the process is being
+        # ended
         self._phase = "starting"
         self._raw = False  # the board's REPL is the raw one
         self._pending = b""  # the board's output not yet classified (a split marker)
         self._window = b""  # recent output, to spot RAW_BANNER across reads
         self._last_cr = False
-        self._exit = None  # the exit status sim_boot.py announced (EXIT) before its REPL
+        self._exit = None  # the exit status boards/sim/boot.py announced (EXIT) before its REPL
 
     def _spawn(self, mode):
         slave = self._board_slave

@@ -15,13 +15,13 @@
 #   version 1  readings with reading identities, replay_windows, node_keys; the v0 readings
 #              are carried over with reading_index NULL
 #
-# Identity (host_tools/sinks.py): a v2 reading is stored once under (node_id, reading_index,
-# quantity), a UNIQUE constraint; a v1 reading (reading_index NULL) once under (node_id, ts,
-# quantity), a partial unique index. INSERT ... ON CONFLICT DO NOTHING makes a copy a no-op
-# whose first timestamp stands, whichever receiver writes it and however many write at once.
+# Identity (host_tools/receive/sinks.py): a v2 reading is stored once under (node_id,
+# reading_index, quantity), a UNIQUE constraint; a v1 reading (reading_index NULL) once under
+# (node_id, ts, quantity), a partial unique index. INSERT ... ON CONFLICT DO NOTHING makes a copy a
+# no-op whose first timestamp stands, whichever receiver writes it and however many write at once.
 # SQLite's 1.5 s rule for v1 copies (sinks.RESENT_WITHIN_S) is not ported: a v1 copy sent again
-# under a new seq can get a timestamp up to about a second apart and is stored twice here.
-# v1 is the old format: nodes that run through several receivers are expected to send v2.
+# under a new seq can get a timestamp up to about a second apart and is stored twice here. v1 is
+# the old format: nodes that run through several receivers are expected to send v2.
 #
 # Errors name the database as postgresql://user@host:port/db, never with its password. A lost
 # connection raises on the call that finds it lost and is made again on the next call.
@@ -37,8 +37,8 @@ from psycopg import conninfo as pg_conninfo
 from psycopg.types.json import Jsonb
 
 from host_tools.keys import KeyFileError, NodeKeys, Registry
-from host_tools.receiver import StateError
-from host_tools.sinks import SinkError
+from host_tools.receive.receiver import StateError
+from host_tools.receive.sinks import SinkError
 from protocols import frame
 
 log = logging.getLogger("citynode.pg")

@@ -1,10 +1,10 @@
 # Deep sleep on the simulated board (config "idle": "deep"), as boards/hw.py does it on an
 # ESP32: deepsleep(ms, state) keeps state in "RTC memory" (a file on the node's flash folder),
 # says "D <ms>" to the fleet simulator and ends the process; the simulator starts it again at
-# its next sample with reset cause DEEPSLEEP_RESET, its clock counting on (host_tools/fleet.py).
-# Loaded only by such nodes.
+# its next sample with reset cause DEEPSLEEP_RESET, its clock counting on
+# (host_tools/sim/fleet.py). Loaded only by such nodes.
 
-from boards.sim import _RESET_FILE
+from boards.sim.board import _RESET_FILE
 
 DEEPSLEEP_RESET = 4
 DEEPSLEEP_EXIT = 4  # process exit status: "wake me when the sleep is over"

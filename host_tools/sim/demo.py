@@ -15,10 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-from host_tools import weather
-from host_tools.fleet import LORA_NODE_HEAP, NODE_HEAP, Fleet, NodeSpec
-from host_tools.receiver import Receiver, Verifier
-from host_tools.sinks import SqliteSink
+from host_tools.receive.receiver import Receiver, Verifier
+from host_tools.receive.sinks import SqliteSink
+from host_tools.sim import weather
+from host_tools.sim.fleet import LORA_NODE_HEAP, NODE_HEAP, Fleet, NodeSpec
 
 KOPER_START = 1782864000  # 2026-07-01T00:00:00Z: a summer day on the coast
 QUANTITIES = ("temperature_c", "humidity_pct", "pressure_hpa")

@@ -14,7 +14,7 @@ import time
 
 import serial
 
-from host_tools.forward import Backoff
+from host_tools.receive.forward import Backoff
 from protocols import gwlink
 
 DEDUPE_S = 0.1  # how long the first copy of a frame waits for copies from other gateways
