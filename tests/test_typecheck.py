@@ -151,12 +151,12 @@ def board_arch(path):
 
 
 def port_files(port):
-    """Board sources for one port. boards/sim*.py run only on the unix port, with deliberate
+    """Board sources for one port. boards/sim/ runs only on the unix port, with deliberate
     fakes (block devices, a stand-in machine module): not checked against ESP32/RP2 stubs."""
     arch = PORTS[port][1]
     files = []
     for rel, _ in build.sources():
-        if rel.parts[0] == "boards" and rel.name.startswith("sim"):
+        if rel.parts[:2] == ("boards", "sim"):
             continue
         file_arch = board_arch(rel) if rel.parts[0] == "boards" else None
         if file_arch is None or file_arch == arch:
