@@ -39,7 +39,7 @@ from frame_size import (  # noqa: E402
 from peers import CAYENNE_LPP_SIZE, time_on_air_s  # noqa: E402
 
 from firmware.airtime import Governor, time_on_air_us  # noqa: E402
-from host_tools import air  # noqa: E402
+from host_tools.sim import air  # noqa: E402
 from host_tools.sim.weather import read_trace  # noqa: E402
 from protocols.frame import Signer  # noqa: E402
 from protocols.uplink import decode_data  # noqa: E402

@@ -3,9 +3,11 @@
 FW_VERSION = "0.2.0"
 
 
-def forget(*names):
-    """Drop firmware.<name> modules that are done, so that their code can leave the heap (a
-    64 KB board needs it); a later import loads them again."""
+def unload(*names):
+    """Drop the modules firmware.<name> that are done, so that their code leaves the heap at the
+    next collection (a node runs in 66 KB: firmware/README.md); a later import loads them again.
+    The one way firmware code unloads a module. No collection here: the popped module is still
+    on this frame's stack, which the GC scans; at boot the caller collects right after."""
     import sys
 
     for name in names:

@@ -161,12 +161,12 @@ class BME280:
         self._status = bytearray(1)
         self._ctrl_hum = bytes((_CTRL_HUM_X1,))
         self._ctrl_meas = bytes((_CTRL_MEAS_FORCED_X1,))
-        from firmware import bme280_probe, forget  # chip id and calibration: at start only
+        from firmware import bme280_calib, unload  # chip id and calibration: at start only
 
         try:
-            self.calibration = bme280_probe.probe(self)
+            self.calibration = bme280_calib.probe(self)
         finally:
-            forget("bme280_probe")
+            unload("bme280_calib")
 
     def read(self):
         """One forced measurement: (temperature 0.01 °C, humidity 0.01 %RH, pressure Pa)."""

@@ -36,7 +36,7 @@
 import os
 import struct
 
-from firmware import forget
+from firmware import unload
 
 try:
     import binascii
@@ -128,9 +128,9 @@ class Journal:
         self._merged = 0  # records below this index live in segments, above in small files
         self._gen = 0
         self._tail_ok = False  # the small file for _next is known to hold exactly what it should
-        from firmware import journal_boot  # boot-time code, dropped from the heap after boot
+        from firmware import journal_open  # boot-time code, dropped from the heap after boot
 
-        journal_boot.boot(self)
+        journal_open.boot(self)
         self.first = self._pos  # peek(): the index of its first record (unreadable ones before)
 
     # --- names and helpers ---------------------------------------------------------------
@@ -261,7 +261,7 @@ class Journal:
             # Not fatal: the readings are safe in the small files; try again after T more.
             self._log("warning", "merge postponed: no heap to load it", next=nxt)
         finally:
-            forget("journal_merge")
+            unload("journal_merge")
 
     # --- read and acknowledge --------------------------------------------------------------
 
@@ -428,7 +428,7 @@ class Journal:
             self._remove(self._small(base))
             base += t
 
-    # --- telemetry and repair (code in journal_boot, loaded when needed) -----------------
+    # --- telemetry and repair (code in journal_open, loaded when needed) -----------------
 
     def stats(self):
         """Counters and what is on flash (pending, dropped, corrupt, segments, bytes ...)."""
@@ -438,10 +438,10 @@ class Journal:
         try:
             _boot_code().fix_tail(self)
         finally:
-            forget("journal_boot")  # a repair is rare: its code leaves the heap again
+            unload("journal_open")  # a repair is rare: its code leaves the heap again
 
 
 def _boot_code():
-    from firmware import journal_boot
+    from firmware import journal_open
 
-    return journal_boot
+    return journal_open

@@ -25,7 +25,7 @@ class Log:
 
     uptime comes from the board's clock (ms since boot), so simulated nodes log simulated time.
     The last lines are kept in RAM; save() writes them to flash (before a reset, after an
-    error) so that the next boot can show them (main.dump_log()).
+    error) so that the next boot can show them (bringup.dump_log()).
     """
 
     def __init__(self, ticks_ms, level=INFO, out=print):

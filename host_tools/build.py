@@ -56,6 +56,12 @@ def build(dest, arch=None, root=ROOT):
             if proc.returncode != 0:
                 raise BuildError("mpy-cross failed on %s: %s" % (rel, proc.stderr.strip()))
         sizes[str(rel.with_suffix(".mpy"))] = out.stat().st_size
+    # A module renamed or removed leaves its .mpy behind: gone too, or a board (citynode flash
+    # copies the whole build) and the tests would still import it.
+    for pkg in PACKAGES:
+        for old in (dest / pkg).rglob("*.mpy"):
+            if str(old.relative_to(dest)) not in sizes:
+                old.unlink(missing_ok=True)
     # Data files the firmware reads at run time travel as they are.
     for extra in sorted((root / "protocols").glob("*.json")):
         shutil.copy2(extra, dest / "protocols" / extra.name)

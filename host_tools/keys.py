@@ -115,9 +115,11 @@ class Registry:
 
 
 def key_id(key):
-    """A short name for a key that does not give it away: the first 4 bytes of its SHA-256,
-    in hex. Lets people compare keys (host vs board) without printing secrets."""
-    return hashlib.sha256(key).hexdigest()[:8]
+    """A short name for a key that does not give it away: the first 8 bytes of its SHA-256, in
+    hex (16 digits). People compare keys with it (host vs board: `citynode flash`, `keys list`)
+    without printing secrets, and receivers store it beside each node's replay window to tell
+    whose window it is (host_tools/receive/receiver.py ReplayStore, pg.py)."""
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 def new_key():

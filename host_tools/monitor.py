@@ -10,12 +10,14 @@
 # monitor or drive the terminal.
 
 import collections
-import datetime
 import json
 import re
 import time
 
 from host_tools import serialport
+from host_tools.backoff import Backoff
+from host_tools.nodelog import parse_log_line
+from host_tools.utc import iso_utc
 from protocols import frame, uplink
 
 LEVELS = "DIWE"
@@ -24,23 +26,12 @@ MAX_LINE = 4096  # bytes; a longer run without a newline is cut here (marked par
 FLUSH_AFTER_S = 0.5  # a partial line idle this long is shown (a REPL prompt has no newline)
 MIN_FRAME_HEX_BYTES = 12  # a run of at least this many hex bytes may be a frame
 
-# "L uptime subsystem message key=value ..." (firmware/log.py _write)
-_LOG_RE = re.compile(r"([DIWE]) ([0-9]+\.[0-9]{3}) ([A-Za-z_][A-Za-z0-9_]*) (.*)\Z", re.S)
-# The shortest message after which everything is ` key=value` fields (values with a space, or
-# empty, are double-quoted by the firmware).
-_FIELD = r' [A-Za-z_][A-Za-z0-9_]*=(?:"[^"]*"|[^\s"]*)'
-_SPLIT_RE = re.compile(r"(.*?)((?:%s)*)\Z" % _FIELD, re.S)
-_FIELD_RE = re.compile(r' ([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|[^\s"]*)')
 _HEX_RUN_RE = re.compile(
     r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){%d,}(?![0-9A-Fa-f])" % MIN_FRAME_HEX_BYTES
 )
 # C0 controls but tab, DEL, C1 controls (U+009B is a CSI to some terminals), and the
 # surrogates that stand for bytes that are not UTF-8 (surrogateescape)
 _UNPRINTABLE_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\udc80-\udcff]")
-
-LogLine = collections.namedtuple("LogLine", ("level", "uptime", "subsystem", "message", "fields"))
-LogLine.__doc__ = """A parsed log line. uptime is the text as written ("540.011", seconds since
-boot); fields is a tuple of (key, value) pairs in line order, values unquoted."""
 
 # One line from the port. raw: the bytes as received, terminator included (what --save writes);
 # text: printable (escaped) text without the terminator; partial: no newline (idle, cut at
@@ -128,31 +119,6 @@ def _escape(m):
     if code >= 0x80:  # a C1 control character, valid UTF-8
         return "\\u%04x" % code
     return "\\x%02x" % code
-
-
-def parse_log_line(text):
-    """A LogLine, or None if text is not in the node's log format."""
-    m = _LOG_RE.match(text)
-    if m is None:
-        return None
-    level, uptime, subsystem, rest = m.groups()
-    split = _SPLIT_RE.match(rest)  # always matches: the message may take everything
-    message, field_text = split.groups()
-    fields = tuple(
-        (key, value[1:-1] if value.startswith('"') else value)
-        for key, value in _FIELD_RE.findall(field_text)
-    )
-    return LogLine(level, uptime, subsystem, message, fields)
-
-
-def format_log_line(log):
-    """The line firmware/log.py writes for a LogLine (parse_log_line's inverse)."""
-    text = "%s %s %s %s" % (log.level, log.uptime, log.subsystem, log.message)
-    for key, value in log.fields:
-        if " " in value or not value:
-            value = '"%s"' % value
-        text += " %s=%s" % (key, value)
-    return text
 
 
 def make_line(raw, partial=False):
@@ -381,11 +347,6 @@ def _num(v):
     return ("%.4f" % v).rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
 
 
-def iso_utc(ts):
-    dt = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def line_object(line, frames=(), host_time=None):
     """The --json object for a Line."""
     obj = {"host_time": None if host_time is None else iso_utc(host_time)}
@@ -518,25 +479,6 @@ class PortError(Exception):
     """The port cannot be used (and waiting would not help, or was not asked for)."""
 
 
-class Backoff:
-    """Delays between attempts to reopen a port: doubling from first to ceiling."""
-
-    # A USB serial adapter only buffers a few hundred bytes while its port is closed, so the
-    # ceiling is short: a board that comes back is reopened before its boot lines are lost.
-    def __init__(self, first=0.05, ceiling=0.5):
-        self.first = first
-        self.ceiling = ceiling
-        self.next_delay = first
-
-    def next(self):
-        delay = self.next_delay
-        self.next_delay = min(self.ceiling, delay * 2)
-        return delay
-
-    def reset(self):
-        self.next_delay = self.first
-
-
 def open_serial(url, baudrate, timeout):
     """The port, held exclusively, every byte kept (host_tools/serialport.py)."""
     return serialport.open_serial(url, baudrate, timeout, keep_input=True)
@@ -588,64 +530,19 @@ def follow(
     (unplugged, socket closed) is reopened with back-off, forever or for give_up_s seconds.
     Raises PortError if the port cannot be opened at the start (unless wait) or is gone for
     longer than give_up_s."""
-    import serial
-
     stop = stop or (lambda: False)
-    backoff = backoff or Backoff()
-    port = None
-    opened_once = False
-    gone_since = None
-    announced = False
+    # A USB serial adapter only buffers a few hundred bytes while its port is closed, so the
+    # ceiling is short: a board that comes back is reopened before its boot lines are lost.
+    backoff = backoff or Backoff(0.05, 0.5)
+    port = _Port(url, monitor, lambda: open_port(url, baudrate, read_timeout), monotonic)
     try:
         while not stop():
-            if port is None:
-                try:
-                    port = open_port(url, baudrate, read_timeout)
-                except ValueError as e:  # a malformed URL or setting: waiting will not help
-                    raise PortError("cannot open %s: %s" % (url, e)) from None
-                except (serial.SerialException, OSError) as e:
-                    if not opened_once and port_busy(e):
-                        # Another program has it: waiting (--wait is for a board not yet
-                        # plugged in) would only sit beside it. Once followed, a port taken
-                        # while it was away is waited for like one that is gone.
-                        raise PortError("%s: %s" % (url, BUSY)) from None
-                    if not opened_once and not wait:
-                        raise PortError("cannot open %s: %s" % (url, _describe(e))) from None
-                    now = monotonic()
-                    if gone_since is None:
-                        gone_since = now
-                    if not announced:
-                        monitor.event(
-                            "waiting",
-                            "%s: not there (%s); waiting for it" % (url, _describe(e)),
-                        )
-                        announced = True
-                    if give_up_s is not None and now - gone_since >= give_up_s:
-                        raise PortError(
-                            "%s: gone for %.1f s, giving up (last error: %s)"
-                            % (url, now - gone_since, _describe(e))
-                        ) from None
-                    sleep(backoff.next())
-                    continue
-                if opened_once or announced:
-                    away = monotonic() - gone_since if gone_since is not None else 0.0
-                    monitor.event("back", "%s: back after %.1f s" % (url, away))
-                opened_once = True
-                gone_since = None
-                announced = False
-            try:
-                waiting = port.in_waiting
-                data = port.read(max(4096, waiting))
-            except (serial.SerialException, OSError) as e:
-                monitor.flush()  # the partial line is shown; what follows is a new start
-                _close(port)
-                port = None
-                gone_since = monotonic()
-                monitor.event(
-                    "gone", "%s: port gone (%s); waiting for it to come back" % (url, _describe(e))
-                )
-                announced = True
+            if port.serial is None and not port.reopen(wait, give_up_s):
+                sleep(backoff.next())
                 continue
+            data = port.read()
+            if data is None:
+                continue  # gone: reopened on the next turn
             now = monotonic()
             if data:
                 backoff.reset()
@@ -653,9 +550,85 @@ def follow(
             else:
                 monitor.poll(now)
     finally:
-        if port is not None:
-            _close(port)
+        port.close()
         monitor.flush()
+
+
+class _Port:
+    """follow()'s serial line: the port while it is open, and what the monitor is told when it
+    goes away ("gone"), stays away ("waiting") and comes back ("back")."""
+
+    def __init__(self, url, monitor, open_port, monotonic):
+        self.url = url
+        self.monitor = monitor
+        self.open_port = open_port
+        self.monotonic = monotonic
+        self.serial = None
+        self.opened_once = False
+        self.gone_since = None  # monotonic time it went away, or first failed to open
+        self.announced = False  # the monitor was told it is away
+
+    def reopen(self, wait, give_up_s):
+        """Try to open the port: True if it is open. False means try again after a back-off;
+        PortError when it cannot be used, or has been away for longer than give_up_s."""
+        import serial
+
+        url = self.url
+        try:
+            self.serial = self.open_port()
+        except ValueError as e:  # a malformed URL or setting: waiting will not help
+            raise PortError("cannot open %s: %s" % (url, e)) from None
+        except (serial.SerialException, OSError) as e:
+            if not self.opened_once and port_busy(e):
+                # Another program has it: waiting (--wait is for a board not yet plugged in)
+                # would only sit beside it. Once followed, a port taken while it was away is
+                # waited for like one that is gone.
+                raise PortError("%s: %s" % (url, BUSY)) from None
+            if not self.opened_once and not wait:
+                raise PortError("cannot open %s: %s" % (url, _describe(e))) from None
+            now = self.monotonic()
+            if self.gone_since is None:
+                self.gone_since = now
+            if not self.announced:
+                self.monitor.event(
+                    "waiting", "%s: not there (%s); waiting for it" % (url, _describe(e))
+                )
+                self.announced = True
+            if give_up_s is not None and now - self.gone_since >= give_up_s:
+                raise PortError(
+                    "%s: gone for %.1f s, giving up (last error: %s)"
+                    % (url, now - self.gone_since, _describe(e))
+                ) from None
+            return False
+        if self.opened_once or self.announced:
+            away = self.monotonic() - self.gone_since if self.gone_since is not None else 0.0
+            self.monitor.event("back", "%s: back after %.1f s" % (url, away))
+        self.opened_once = True
+        self.gone_since = None
+        self.announced = False
+        return True
+
+    def read(self):
+        """What the port has (b"" after read_timeout), or None if it went away (then closed)."""
+        import serial
+
+        try:
+            return self.serial.read(max(4096, self.serial.in_waiting))
+        except (serial.SerialException, OSError) as e:
+            self.monitor.flush()  # the partial line is shown; what follows is a new start
+            self.close()
+            self.gone_since = self.monotonic()
+            self.monitor.event(
+                "gone",
+                "%s: port gone (%s); waiting for it to come back" % (self.url, _describe(e)),
+            )
+            self.announced = True
+            return None
+
+    def close(self):
+        if self.serial is not None:
+            _close(self.serial)
+            self.serial = None
 
 
 def _close(port):

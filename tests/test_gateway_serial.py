@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from host_tools.receive.forward import Backoff
+from host_tools.backoff import Backoff
 from host_tools.receive.gateway_serial import DRIFT, GatewayClock, SerialGatewaySource
 from host_tools.receive.receiver import Intake, Receiver, Verifier, serve
 from host_tools.receive.sinks import SqliteSink

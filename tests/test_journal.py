@@ -1069,14 +1069,12 @@ free0 = gc.mem_free()
 J = %r
 
 def size_of_open(path):
-    import sys, firmware
+    import firmware
     gc.collect()
     before = gc.mem_alloc()
     j = Journal(path)
-    # boot-time code is dropped once the journal is open, as firmware/main.py does
-    sys.modules.pop("firmware.journal_boot", None)
-    if hasattr(firmware, "journal_boot"):
-        delattr(firmware, "journal_boot")
+    # the opening code is unloaded once the journal is open, as firmware/wiring.py does
+    firmware.unload("journal_open")
     gc.collect()
     return j, gc.mem_alloc() - before
 

@@ -29,6 +29,7 @@ from host_tools.keys import (
     save_keys,
     save_registry,
 )
+from host_tools.receive import receiver
 
 KEY7 = bytes(range(16))
 KEY8 = bytes(range(100, 116))
@@ -425,7 +426,9 @@ def test_new_keys_are_random_and_key_ids_do_not_show_the_key():
     keys = {new_key() for _ in range(100)}
     assert len(keys) == 100 and all(len(k) == 16 for k in keys)
     k = new_key()
-    assert len(key_id(k)) == 8 and key_id(k) not in k.hex()
+    assert len(key_id(k)) == 16 and key_id(k) not in k.hex()
+    # one fingerprint everywhere: people's (keys list, flash) and the replay windows' (receiver)
+    assert receiver.key_id is key_id
 
 
 metadata_times = st.one_of(st.none(), st.integers(0, 2**31 - 1))

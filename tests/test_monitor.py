@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware import log as fwlog  # the formatter the nodes run: the parser's oracle
-from host_tools import cli
+from host_tools import cli, nodelog
 from host_tools import monitor as m
 from host_tools.keys import NodeKeys, Registry, load_accepted_keys, save_registry
 from protocols import frame, uplink
@@ -86,29 +86,29 @@ def test_parses_the_readme_lines():
             ("debug", "clock", "tick", {"empty": ""}),
         ]
     )
-    parsed = [m.parse_log_line(line) for line in lines]
+    parsed = [nodelog.parse_log_line(line) for line in lines]
     assert parsed == [
-        m.LogLine(
+        nodelog.LogLine(
             "I",
             "540.011",
             "link",
             "sent frame",
             (("bytes", "29"), ("readings", "10"), ("seq", "0")),
         ),
-        m.LogLine("E", "540.011", "sensor", "bme280: no device at 0x76 (OSError 19)", ()),
-        m.LogLine(
+        nodelog.LogLine("E", "540.011", "sensor", "bme280: no device at 0x76 (OSError 19)", ()),
+        nodelog.LogLine(
             "W",
             "540.011",
             "link",
             "ack rejected",
             (("detail", "bad tag (wrong key)"), ("reason", "tag")),
         ),
-        m.LogLine(
+        nodelog.LogLine(
             "I", "540.011", "node", "started", (("board", "sim"), ("fw", "0.1.0"), ("node", "17"))
         ),
-        m.LogLine("D", "540.011", "clock", "tick", (("empty", ""),)),
+        nodelog.LogLine("D", "540.011", "clock", "tick", (("empty", ""),)),
     ]
-    assert [m.format_log_line(p) for p in parsed] == lines
+    assert [nodelog.format_log_line(p) for p in parsed] == lines
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_parses_the_readme_lines():
         "",
         "MicroPython v1.29.0 on 2025-06-01; ESP32 module with ESP32",
         "Traceback (most recent call last):",
-        '  File "firmware/main.py", line 72, in run',
+        '  File "firmware/app.py", line 72, in run',
         "ImportError: no module named 'firmware.journal'",
         ">>> ",
         "X 1.000 link bad level",
@@ -130,7 +130,7 @@ def test_parses_the_readme_lines():
     ],
 )
 def test_other_lines_are_not_log_lines(text):
-    assert m.parse_log_line(text) is None
+    assert nodelog.parse_log_line(text) is None
     line = m.make_line(text.encode() + b"\r\n")
     assert (line.text, line.log, line.garbled) == (text, None, 0)
 
@@ -165,7 +165,7 @@ def test_firmware_lines_round_trip(level, ms, subsystem, message, fields):
         subsystem, message, **fields
     )
     (text,) = lines
-    parsed = m.parse_log_line(text)
+    parsed = nodelog.parse_log_line(text)
     assert parsed is not None
     assert parsed.level == level[0].upper()
     assert parsed.uptime == "%d.%03d" % (ms // 1000, ms % 1000)
@@ -173,15 +173,15 @@ def test_firmware_lines_round_trip(level, ms, subsystem, message, fields):
     assert parsed.message == message
     assert dict(parsed.fields) == {k: str(v) for k, v in fields.items()}
     assert [k for k, _ in parsed.fields] == sorted(fields)
-    assert m.format_log_line(parsed) == text
+    assert nodelog.format_log_line(parsed) == text
 
 
 @settings(deadline=None)
 @given(st.text(max_size=200))
 def test_parse_is_stable_on_any_text(text):
-    parsed = m.parse_log_line(text)
+    parsed = nodelog.parse_log_line(text)
     if parsed is not None:
-        assert m.parse_log_line(m.format_log_line(parsed)) == parsed
+        assert nodelog.parse_log_line(nodelog.format_log_line(parsed)) == parsed
 
 
 # --- garbage, partial lines, no data lost ----------------------------------------------------
@@ -707,11 +707,21 @@ def test_wait_for_a_port_that_appears_later():
     c.finish()
 
 
-def test_backoff():
-    b = m.Backoff(0.05, 0.5)
-    assert [b.next() for _ in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5]
-    b.reset()
-    assert b.next() == 0.05
+def test_a_port_is_reopened_within_half_a_second():
+    # A USB serial adapter buffers little while its port is closed: follow()'s back-off
+    # (host_tools/backoff.py) waits 25-50 ms at first and never more than 0.5 s.
+    delays = []
+    with pytest.raises(m.PortError):
+        m.follow(
+            "loop://",
+            m.Monitor(out=io.StringIO()),
+            open_port=lambda *a: (_ for _ in ()).throw(OSError(2, "gone")),
+            wait=True,
+            give_up_s=10,
+            sleep=delays.append,
+            monotonic=lambda: len(delays),
+        )
+    assert 0.025 <= delays[0] <= 0.05 and max(delays) <= 0.5 and len(delays) == 10
 
 
 # --- the command, as a user runs it --------------------------------------------------------

@@ -2,6 +2,7 @@
 # window, timestamps, ack-after-durable, and the UDP loop on real sockets, with real SQLite files.
 
 import collections
+import contextlib
 import io
 import json
 import logging
@@ -15,14 +16,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from host_tools.receive.logfold import FoldingLog
 from host_tools.receive.receiver import (
+    Intake,
     Receiver,
     Rejected,
     ReplayStore,
     ReplayWindow,
+    UdpSource,
     Verifier,
     frame_rows,
-    serve_udp,
+    serve,
 )
 from host_tools.receive.sinks import JsonlSink, SinkError, SqliteSink, TeeSink
 from protocols import frame, uplink
@@ -593,18 +597,29 @@ def test_tee_sink(sink, db_path):
 # --- UDP --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def udp_server(receiver):
+@contextlib.contextmanager
+def udp_loop(receiver):
+    """The receive loop `citynode receive` runs (UdpSource -> Intake -> serve) on one socket
+    bound to a free port; yields its address."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    stop = threading.Event()
-    thread = threading.Thread(target=serve_udp, args=(sock, receiver, stop, 0.05), daemon=True)
+    source, intake, stop = UdpSource(sock, poll_s=0.05), Intake(), threading.Event()
+    source.start(intake)
+    thread = threading.Thread(target=serve, args=(intake, receiver, stop, 0.05), daemon=True)
     thread.start()
-    yield sock.getsockname()
-    stop.set()
-    thread.join(timeout=5)
+    try:
+        yield sock.getsockname()
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        source.stop()
     assert not thread.is_alive()
-    sock.close()
+
+
+@pytest.fixture
+def udp_server(receiver):
+    with udp_loop(receiver) as addr:
+        yield addr
 
 
 @pytest.fixture
@@ -645,31 +660,21 @@ def test_udp_loop_survives_an_internal_error(client):
     class Broken:
         def __init__(self):
             self.log = logging.getLogger("citynode.test")
+            self.folded = FoldingLog(self.log)
             self.counters = collections.Counter()
             self.calls = 0
 
-        def datagram(self, data, rx_time=None):
+        def handle(self, batch):
             self.calls += 1
             if self.calls == 1:
                 raise RuntimeError("bug")
-            return b"ack:" + data
+            return [b"ack:" + data for data, _ in batch]
 
     broken = Broken()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    stop = threading.Event()
-    thread = threading.Thread(target=serve_udp, args=(sock, broken, stop, 0.05), daemon=True)
-    thread.start()
-    try:
-        addr = sock.getsockname()
+    with udp_loop(broken) as addr:
         assert exchange(client, addr, b"one", timeout=0.3) is None
         assert exchange(client, addr, b"two") == b"ack:two"
         assert broken.counters["internal_error"] == 1
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        sock.close()
-    assert not thread.is_alive()
 
 
 def test_replay_windows_survive_a_restart_in_their_store(tmp_path):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from host_tools.receive.forward import Backoff, Forwarder
+from host_tools.backoff import Backoff
+from host_tools.receive.forward import Forwarder
 from host_tools.receive.sinks import (
     ANSWER_MAX,
     DeliveryError,

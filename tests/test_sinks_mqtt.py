@@ -19,8 +19,9 @@ import paho.mqtt.client as paho
 import pytest
 
 from firmware import FW_VERSION
+from host_tools.backoff import Backoff
 from host_tools.receive import mqtt
-from host_tools.receive.forward import Backoff, Forwarder
+from host_tools.receive.forward import Forwarder
 from host_tools.receive.mqtt import MqttSink, MqttSource, MqttUrl, ha_discovery
 from host_tools.receive.receiver import Intake, Receiver, Verifier, serve
 from host_tools.receive.sinks import DeliveryError, SinkError, reading_id, reading_json

@@ -17,7 +17,8 @@ import uuid
 
 import pytest
 
-from host_tools.receive.forward import Backoff, Forwarder
+from host_tools.backoff import Backoff
+from host_tools.receive.forward import Forwarder
 from host_tools.receive.receiver import Receiver, Verifier
 from host_tools.receive.sinks import DeliveryError, SinkError, SqliteSink, TeeSink, is_disk_full
 from host_tools.receive.spool import Spool, SpoolFull

@@ -1,6 +1,5 @@
 # `citynode decode`: hex frames (arguments or stdin) to one JSON object per reading.
 
-import datetime
 import json
 import math
 import sys
@@ -9,17 +8,8 @@ import time
 from host_tools.commands import CliError
 from host_tools.keys import load_keys_or_single
 from host_tools.receive.receiver import iter_readings
+from host_tools.utc import iso_utc
 from protocols import frame, uplink
-
-
-def _iso_utc(ts):
-    """Unix seconds -> "2023-11-14T22:13:20.000Z". ValueError if no date (years 1..9999) has
-    that time: datetime raises OverflowError, ValueError or OSError, by platform and value."""
-    try:
-        dt = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
-    except (OverflowError, ValueError, OSError):
-        raise ValueError("not a date in years 1..9999") from None
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _rx_time(text):
@@ -32,7 +22,7 @@ def _rx_time(text):
     if not math.isfinite(ts):
         raise CliError("--rx-time: expected a finite number of unix seconds, got %r" % text)
     try:
-        _iso_utc(ts)
+        iso_utc(ts)
     except ValueError as e:
         raise CliError("--rx-time: %s is %s" % (text, e)) from None
     return ts
@@ -113,7 +103,7 @@ class _FrameDecoder:
             per_reading = len(decoded.channels)
             for k, (age, ts, name, value) in enumerate(iter_readings(decoded, self.rx_time)):
                 try:
-                    time_text = _iso_utc(ts)
+                    time_text = iso_utc(ts)
                 except ValueError as e:  # an --rx-time near year 1 or 9999
                     raise CliError(
                         "node %d: a reading %d s old: --rx-time minus its age, %r, is %s"
@@ -142,7 +132,7 @@ class _FrameDecoder:
                     "type": "ack",
                     "node_id": decoded.node_id,
                     "host_time": decoded.host_time,
-                    "time": _iso_utc(decoded.host_time),
+                    "time": iso_utc(decoded.host_time),
                     "acked": [list(r) for r in decoded.acked],
                     **({} if decoded.echo is None else {"echo": decoded.echo.hex()}),
                 }

@@ -399,29 +399,12 @@ def run(args):
         if args.silent_after <= 0:
             raise CliError("--silent-after must be positive, got %g" % args.silent_after)
         return show_status(args.status_file, args.silent_after)
-    if not args.keys:
-        raise CliError("--keys FILE is required to receive")
-    # Every key a frame may be signed with: the current one, and during a rotation's grace
-    # period the previous one. A key file others can read is refused (README "Keys").
-    keys = _load_keys(args.keys)
-    if not keys:
-        raise CliError("%s: no nodes, so every frame would be rejected" % args.keys)
-    if args.retry_max <= 0:
-        raise CliError("--retry-max must be positive, got %g" % args.retry_max)
-    if args.spool_max_mb is not None and args.spool_max_mb <= 0:
-        raise CliError("--spool-max-mb must be positive, got %g" % args.spool_max_mb)
+    keys = _check_args(args)
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     remote = _remote_sinks(args)
-    spool = None
-    if remote:
-        from host_tools.receive.spool import Spool
-
-        max_bytes = int(args.spool_max_mb * 1e6) if args.spool_max_mb else None
-        spool = Spool(args.spool or DEFAULT_SPOOL, max_bytes=max_bytes)
-    elif args.spool or args.spool_max_mb:
-        raise CliError("--spool is for remote sinks (--webhook, --mqtt-out, --influx URL)")
+    spool = _open_spool(args, remote)
     sink = sources = None
     try:
         sink = _local_sinks(args, spool)
@@ -433,60 +416,105 @@ def run(args):
             spool.close()
         raise
     try:
-        from host_tools.receive.forward import Backoff, Forwarder
-
-        forwarders = [
-            Forwarder(spool, s, backoff=Backoff(min(0.5, args.retry_max), args.retry_max))
-            for s in remote
-        ]
-    except Exception as e:  # registering in the spool failed: a disk problem
-        for source in sources:
-            source.stop()
-        sink.close()
-        raise SinkError("spool %s: %s" % (spool.path, e)) from None
-    store = None
-    # Beside the readings in PostgreSQL (shared by every receiver), else beside the key file.
-    if args.replay_state:
-        state = args.replay_state
-    elif args.db and _is_pg(args.db):
-        state = args.db
-    elif _is_pg(args.keys):
-        state = "none"  # no file to put it beside: give --replay-state
-    else:
-        state = args.keys + ".replay"
-    if state != "none":
-        from host_tools.receive.receiver import ReplayStore, StateError
-
-        try:
-            if _is_pg(state):
-                from host_tools.receive.pg import PgReplayStore
-
-                store = PgReplayStore(state)
-            else:
-                store = ReplayStore(state)
-        except (StateError, SinkError) as e:
-            for source in sources:
-                source.stop()
-            sink.close()
-            raise CliError("--replay-state %s" % e) from None
-        except (sqlite3.Error, OSError) as e:
-            for source in sources:
-                source.stop()
-            sink.close()
-            raise CliError("--replay-state %s: %s" % (state, e)) from None
-    if store is not None and store.bad_rows:
-        log.warning(
-            "replay state %s: %d rows could not be read and were skipped (copies of v2 readings "
-            "are still dropped by the sinks)",
-            state,
-            store.bad_rows,
-        )
+        forwarders = _forwarders(args, spool, remote)
+        store = _replay_store(args)
+    except BaseException:
+        _close_all(sources, sink)
+        raise
     receiver = Receiver(Verifier(keys, store=store), sink)
     if args.status_file:
         _restore_health(receiver, args.status_file)
     status = Status(receiver, sources, spool, forwarders, args.status_file, len(keys))
     reloader = KeyReloader(args.keys, receiver.verifier)
     return _serve(receiver, sources, forwarders, sink, status, reloader)
+
+
+def _check_args(args):
+    """The keys every frame may be signed with (the current one, and during a rotation's grace
+    period the previous one; a key file others can read is refused: README "Keys"), once the
+    arguments that need no I/O are known to be good."""
+    if not args.keys:
+        raise CliError("--keys FILE is required to receive")
+    keys = _load_keys(args.keys)
+    if not keys:
+        raise CliError("%s: no nodes, so every frame would be rejected" % args.keys)
+    if args.retry_max <= 0:
+        raise CliError("--retry-max must be positive, got %g" % args.retry_max)
+    if args.spool_max_mb is not None and args.spool_max_mb <= 0:
+        raise CliError("--spool-max-mb must be positive, got %g" % args.spool_max_mb)
+    return keys
+
+
+def _open_spool(args, remote):
+    """The on-disk spool the remote sinks are fed from; None without remote sinks."""
+    if not remote:
+        if args.spool or args.spool_max_mb:
+            raise CliError("--spool is for remote sinks (--webhook, --mqtt-out, --influx URL)")
+        return None
+    from host_tools.receive.spool import Spool
+
+    max_bytes = int(args.spool_max_mb * 1e6) if args.spool_max_mb else None
+    return Spool(args.spool or DEFAULT_SPOOL, max_bytes=max_bytes)
+
+
+def _forwarders(args, spool, remote):
+    """One Forwarder per remote sink, registered in the spool."""
+    from host_tools.backoff import Backoff
+    from host_tools.receive.forward import Forwarder
+
+    try:
+        return [
+            Forwarder(spool, s, backoff=Backoff(min(0.5, args.retry_max), args.retry_max))
+            for s in remote
+        ]
+    except Exception as e:  # registering in the spool failed: a disk problem
+        raise SinkError("spool %s: %s" % (spool.path, e)) from None
+
+
+def _replay_state_path(args):
+    """Where the replay windows live: --replay-state, else beside the readings in PostgreSQL
+    (shared by every receiver), else beside the key file; "none": in memory only."""
+    if args.replay_state:
+        return args.replay_state
+    if args.db and _is_pg(args.db):
+        return args.db
+    if _is_pg(args.keys):
+        return "none"  # no file to put it beside: give --replay-state
+    return args.keys + ".replay"
+
+
+def _replay_store(args):
+    """The replay windows' store (SQLite or PostgreSQL), or None (in memory only)."""
+    state = _replay_state_path(args)
+    if state == "none":
+        return None
+    from host_tools.receive.receiver import ReplayStore, StateError
+
+    try:
+        if _is_pg(state):
+            from host_tools.receive.pg import PgReplayStore
+
+            store = PgReplayStore(state)
+        else:
+            store = ReplayStore(state)
+    except (StateError, SinkError) as e:
+        raise CliError("--replay-state %s" % e) from None
+    except (sqlite3.Error, OSError) as e:
+        raise CliError("--replay-state %s: %s" % (state, e)) from None
+    if store.bad_rows:
+        log.warning(
+            "replay state %s: %d rows could not be read and were skipped (copies of v2 readings "
+            "are still dropped by the sinks)",
+            state,
+            store.bad_rows,
+        )
+    return store
+
+
+def _close_all(sources, sink):
+    for source in sources:
+        source.stop()
+    sink.close()
 
 
 def _restore_health(receiver, path):
@@ -576,30 +604,65 @@ def _ids(ids):
 def _serve(receiver, sources, forwarders, sink, status, reloader=None):
     stop = threading.Event()
     intake = Intake()
-    clock = {"report": False, "log": time.monotonic() + REPORT_EVERY_S, "file": 0.0}
+    reports = _Reports(status, reloader)
+    previous = _handle_signals(stop, reports, reloader)
+    try:
+        for f in forwarders:
+            f.start()
+            log.info("forwarding to %s from the spool", f.name)
+        for source in sources:
+            source.start(intake)
+            log.info("listening on %s for %d node(s); Ctrl-C to stop", source.name, status.nodes)
+        serve(intake, receiver, stop, poll_s=0.5, on_poll=reports.poll)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _shut_down(receiver, sources, forwarders, sink, status)
+    print("citynode: final counters: %s" % counters_line(status.counters()), file=sys.stderr)
+    return 0
 
-    def on_poll():
-        if reloader is not None:
-            reloader.poll()
-        now = time.monotonic()
-        if clock["report"] or now >= clock["log"]:
-            clock["report"] = False
-            clock["log"] = now + REPORT_EVERY_S
-            status.log_lines()
-            clock["file"] = 0.0
-        if now >= clock["file"]:
-            clock["file"] = now + STATUS_EVERY_S
-            status.write_file()
+
+class _Reports:
+    """What the receive loop does between batches (its on_poll): reload keys when due, log the
+    counters every REPORT_EVERY_S and when asked (SIGUSR1), rewrite the status file every
+    STATUS_EVERY_S."""
+
+    def __init__(self, status, reloader=None, clock=time.monotonic):
+        self.status = status
+        self.reloader = reloader
+        self.clock = clock
+        self.requested = False  # SIGUSR1: logged from the loop, not from the signal handler
+        self._next_log = clock() + REPORT_EVERY_S
+        self._next_file = 0.0
+
+    def poll(self):
+        if self.reloader is not None:
+            self.reloader.poll()
+        now = self.clock()
+        if self.requested or now >= self._next_log:
+            self.requested = False
+            self._next_log = now + REPORT_EVERY_S
+            self.status.log_lines()
+            self._next_file = 0.0
+        if now >= self._next_file:
+            self._next_file = now + STATUS_EVERY_S
+            self.status.write_file()
+
+
+def _handle_signals(stop, reports, reloader):
+    """SIGINT/SIGTERM stop the loop, SIGUSR1 logs the counters, SIGHUP reloads the keys (both
+    from the loop, not inside the handler). Returns the handlers they replaced ({} off the main
+    thread, where signals cannot be handled)."""
 
     def on_stop(signum, _frame):
         stop.set()
 
     def on_usr1(signum, _frame):
-        clock["report"] = True  # logged from the loop, not from inside the signal handler
+        reports.requested = True
 
     def on_hup(signum, _frame):
         if reloader is not None:
-            reloader.requested = True  # reloaded from the loop
+            reloader.requested = True
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -611,35 +674,26 @@ def _serve(receiver, sources, forwarders, sink, status, reloader=None):
         ]:
             if signum is not None:
                 previous[signum] = signal.signal(signum, handler)
-    try:
-        for f in forwarders:
-            f.start()
-            log.info("forwarding to %s from the spool", f.name)
-        for source in sources:
-            source.start(intake)
-            log.info("listening on %s for %d node(s); Ctrl-C to stop", source.name, status.nodes)
-        serve(intake, receiver, stop, poll_s=0.5, on_poll=on_poll)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for source in sources:
-            source.stop()
-        receiver.folded.flush(final=True)
-        for f in forwarders:
-            if not f.stop(STOP_WAIT_S):
-                log.warning("%s: still delivering after %.0f s; left running", f.name, STOP_WAIT_S)
-        status.write_file()
-        for f in forwarders:
-            backlog = f.status()["backlog"]
-            if backlog:
-                log.info(
-                    "%s: %d readings stay in the spool, delivered on the next start",
-                    f.name,
-                    backlog,
-                )
-            f.sink.close()
-        sink.close()
-        if receiver.verifier.store is not None:
-            receiver.verifier.store.close()
-    print("citynode: final counters: %s" % counters_line(status.counters()), file=sys.stderr)
-    return 0
+    return previous
+
+
+def _shut_down(receiver, sources, forwarders, sink, status):
+    """Sources first (nothing new comes in), then the forwarders (each finishes or leaves its
+    batch in the spool), a last status file, and every store closed."""
+    for source in sources:
+        source.stop()
+    receiver.folded.flush(final=True)
+    for f in forwarders:
+        if not f.stop(STOP_WAIT_S):
+            log.warning("%s: still delivering after %.0f s; left running", f.name, STOP_WAIT_S)
+    status.write_file()
+    for f in forwarders:
+        backlog = f.status()["backlog"]
+        if backlog:
+            log.info(
+                "%s: %d readings stay in the spool, delivered on the next start", f.name, backlog
+            )
+        f.sink.close()
+    sink.close()
+    if receiver.verifier.store is not None:
+        receiver.verifier.store.close()

@@ -14,7 +14,8 @@ import time
 
 import serial
 
-from host_tools.receive.forward import Backoff
+from host_tools.backoff import Backoff
+from host_tools.receive.interfaces import Source
 from protocols import gwlink
 
 DEDUPE_S = 0.1  # how long the first copy of a frame waits for copies from other gateways
@@ -152,7 +153,7 @@ class _Pending:
         self.copies = []  # (line, Uplink, utc)
 
 
-class SerialGatewaySource:
+class SerialGatewaySource(Source):
     """Uplinks from gateways on serial lines, one thread per line plus one that hands merged
     frames to the intake. Counters (all in self.counters):
       serial_connects, serial_disconnects, serial_open_errors

@@ -25,6 +25,7 @@ import urllib.parse
 
 import paho.mqtt.client as paho
 
+from host_tools.receive.interfaces import RemoteSink, Source
 from host_tools.receive.logfold import FoldingLog
 from host_tools.receive.receiver import MAX_DATAGRAM
 from host_tools.receive.sinks import DeliveryError, SinkError, reading_json
@@ -172,7 +173,7 @@ def _reason_text(reason_code):
     return text if text else "code %s" % getattr(reason_code, "value", reason_code)
 
 
-class MqttSink:
+class MqttSink(RemoteSink):
     """Publishes readings (QoS 1, retain off) and waits for the broker's PUBACK of every one
     before deliver() returns. A failure drops the connection and its queue; the forwarder's
     retry connects afresh and publishes the batch again (copies carry the same reading id).
@@ -409,7 +410,7 @@ class MqttSink:
         self._drop()
 
 
-class MqttSource:
+class MqttSource(Source):
     """Frames from gateways on an MQTT topic (binary payload: one frame per message). The ack
     for a frame is published (QoS 1) on the message's topic + "/ack"; messages on topics ending
     in "/ack" are ignored, so a "#" filter does not feed acks back in. paho reconnects by itself
@@ -547,7 +548,7 @@ def _os_error_text(error):
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
-class MqttUplinkSource:
+class MqttUplinkSource(Source):
     """Frames that nodes publish themselves (one frame a message, QoS 1) on
     citynode/up/<node_id>, read through the MQTT v5 shared subscription
     $share/<group>/citynode/up/+ : every receiver started on the same broker with the same

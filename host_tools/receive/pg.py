@@ -37,6 +37,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg.types.json import Jsonb
 
 from host_tools.keys import KeyFileError, NodeKeys, Registry
+from host_tools.receive.interfaces import Sink
 from host_tools.receive.receiver import StateError
 from host_tools.receive.sinks import SinkError
 from protocols import frame
@@ -329,7 +330,7 @@ _INSERT = (
 )
 
 
-class PostgresSink:
+class PostgresSink(Sink):
     """Readings in PostgreSQL, table `readings` (node_id, reading_index, ts timestamptz,
     quantity, value): a reading already stored is a no-op, whoever writes it. write() returns
     once the rows are committed. `url`: a libpq URL or connection string, e.g.

@@ -6,23 +6,21 @@
 # Sources (UDP here; gateways and nodes over MQTT in host_tools/receive/mqtt.py; LoRa gateways on a
 # serial line in host_tools/receive/gateway_serial.py) all feed one Intake; serve() drains it in
 # batches on one thread and group-commits each batch: one durable sink write for every frame in it,
-# then one ack per accepted frame. A source is any object with
-#     name            str, for logs and status ("udp 0.0.0.0:1700")
-#     counters        collections.Counter of its own (it runs on its own thread)
-#     start(intake)   begin delivering: intake.put(datagram, reply, rx_time=None)
-#     stop()          stop delivering and release the port; may be called twice
-# `reply(ack_bytes)` sends one ack back the way the datagram came and may raise OSError;
-# `rx_time` is the UTC time of reception when the source knows it better than the host's clock
-# (a LoRa gateway stamps the end of reception, SPEC.md "Timing"), else None.
+# then one ack per accepted frame. Sources and sinks are written against
+# host_tools/receive/interfaces.py (Source, Intake, Sink, RemoteSink). `reply(ack_bytes)` sends
+# one ack back the way the datagram came and may raise OSError; `rx_time` is the UTC time of
+# reception when the source knows it better than the host's clock (a LoRa gateway stamps the end
+# of reception, SPEC.md "Timing"), else None.
 
 import collections
-import hashlib
 import logging
 import socket
 import sqlite3
 import threading
 import time
 
+from host_tools.keys import key_id
+from host_tools.receive import interfaces
 from host_tools.receive.health import Health
 from host_tools.receive.logfold import FoldingLog
 from protocols import frame, uplink
@@ -83,11 +81,6 @@ class ReplayWindow:
             behind = self.highest - seq
             if behind < self.size:  # older seqs are outside the window: already "replay"
                 self.bitmap |= 1 << behind
-
-
-def key_id(key):
-    """A node key's fingerprint: the first 8 bytes of its SHA-256, in hex."""
-    return hashlib.sha256(key).hexdigest()[:16]
 
 
 class StateError(Exception):
@@ -383,41 +376,32 @@ class Receiver:
         the sinks like any frame (they store nothing twice, and keep a reading whose identity
         is stored with another value apart). If the sink write fails no frame is acked."""
         acks = [None] * len(batch)
-        accepted = []  # (index, frame, rx_time, signer, tag)
-        copies = set()  # indices in batch of re-sent copies of recent frames
+        accepted, copies, rows = self._take(batch)
+        new = None
+        if rows:
+            new, accepted = self._store(rows, accepted)
+        for i, received, rx_time, signer, tag in accepted:
+            acks[i] = self._accept(received, rx_time, signer, tag, i in copies)
+        if isinstance(new, int) and 0 <= new < len(rows):
+            self.counters["values_already_stored"] += len(rows) - new
+        if accepted:
+            self._save_windows()
+        return acks
+
+    def _take(self, batch):
+        """The frames of a batch that verify, in order: (accepted [(index, frame, rx_time,
+        signer, tag)], indices of re-sent copies, the rows of their readings)."""
+        accepted = []
+        copies = set()
         rows = []
-        in_batch = {}
-        counters = self.counters
+        in_batch = {}  # frame key -> tag of the frames taken from this batch
         for i, (data, rx_time) in enumerate(batch):
-            try:
-                received, signer = self.verifier.verify(data)
-            except Rejected as e:
-                if e.reason == "duplicate" and self._heard_again(bytes(data[-frame.TAG_LEN :])):
-                    counters["frames_heard_again"] += 1  # a second gateway: quiet
-                    continue
-                self._reject(e, data)
+            taken = self._verify(data, in_batch)
+            if taken is None:
                 continue
-            key = _frame_key(received)
-            tag = bytes(data[-frame.TAG_LEN :])
-            if tag == in_batch.get(key) or self._heard_again(tag):
-                # The very frame taken already: heard by a second gateway. Its ack is on its
-                # way (two would collide on the air): counted, quiet.
-                counters["frames_heard_again"] += 1
-                continue
-            if key in in_batch or key in self._stored:
-                if received.seq is not None:  # v1 / STATUS: another frame under a seen seq
-                    self._reject(
-                        Rejected(
-                            "duplicate",
-                            "node %d seq %d already received" % (received.node_id, received.seq),
-                            received.node_id,
-                        ),
-                        data,
-                    )
-                    continue
-                copies.add(i)  # re-sent: to the sinks again (they drop it), acked again
-            else:
-                in_batch[key] = tag
+            received, signer, key, tag, copy = taken
+            if copy:
+                copies.add(i)
             if self._failed_rx:
                 rx_time = self._failed_rx.pop(key, rx_time)
             if rx_time is None:
@@ -425,46 +409,86 @@ class Receiver:
             if _is_data(received):
                 rows.extend(frame_rows(received, rx_time))
             accepted.append((i, received, rx_time, signer, tag))
-        new = None
-        if rows:
-            conflicts = getattr(self.sink, "conflicts", 0)
-            try:
-                new = self.sink.write(rows)
-                conflicts = getattr(self.sink, "conflicts", 0) - conflicts
-                if conflicts:
-                    self._conflicts(conflicts, rows)
-            except Exception as e:  # any sink failure: not durable, so no ack; the node retries
-                failed = [a for a in accepted if _is_data(a[1])]
-                self._sink_failed([f for _, f, _, _, _ in failed], e)
-                for _, f, rx_time, _, _ in failed:
-                    if f.seq is not None:
-                        self._failed_rx[_frame_key(f)] = rx_time
-                while len(self._failed_rx) > self.RETRY_MEMORY:
-                    self._failed_rx.popitem(last=False)
-                accepted = [a for a in accepted if not _is_data(a[1])]
-        for i, received, rx_time, signer, tag in accepted:
-            if i in copies:
-                counters["frames_copies"] += 1
-            elif _is_data(received):
-                counters["frames_accepted"] += 1
-                counters["readings_accepted"] += len(received.readings)
-                self.health.data(received, rx_time)
-            else:
-                self._status(received)
-                self.health.status(received, rx_time)
-            self._remember(received, tag)
-            acks[i] = self._ack(received, int(rx_time), signer, tag)
-        if isinstance(new, int) and 0 <= new < len(rows):
-            counters["values_already_stored"] += len(rows) - new
-        if accepted:
-            try:
-                self.verifier.save()
-            except (sqlite3.Error, OSError, StateError) as e:
-                # The readings are durable, so the acks go out; after a restart this batch's
-                # seqs would not be known as seen (v2 readings are deduped by identity).
-                counters["replay_state_error"] += 1
-                self.log.error("replay state %s not saved: %s", self.verifier.store.path, e)
-        return acks
+        return accepted, copies, rows
+
+    def _verify(self, data, in_batch):
+        """(frame, signer, key, tag, a re-sent copy?) of a datagram to take, or None: rejected
+        (counted, logged folded) or heard again through a second gateway (counted, quiet)."""
+        counters = self.counters
+        try:
+            received, signer = self.verifier.verify(data)
+        except Rejected as e:
+            if e.reason == "duplicate" and self._heard_again(bytes(data[-frame.TAG_LEN :])):
+                counters["frames_heard_again"] += 1  # a second gateway: quiet
+                return None
+            self._reject(e, data)
+            return None
+        key = _frame_key(received)
+        tag = bytes(data[-frame.TAG_LEN :])
+        if tag == in_batch.get(key) or self._heard_again(tag):
+            # The very frame taken already: heard by a second gateway. Its ack is on its way
+            # (two would collide on the air): counted, quiet.
+            counters["frames_heard_again"] += 1
+            return None
+        if key in in_batch or key in self._stored:
+            if received.seq is not None:  # v1 / STATUS: another frame under a seen seq
+                self._reject(
+                    Rejected(
+                        "duplicate",
+                        "node %d seq %d already received" % (received.node_id, received.seq),
+                        received.node_id,
+                    ),
+                    data,
+                )
+                return None
+            return received, signer, key, tag, True  # re-sent: to the sinks (they drop it)
+        in_batch[key] = tag
+        return received, signer, key, tag, False
+
+    def _store(self, rows, accepted):
+        """One durable sink write for the batch's rows: (new rows or None, the frames still
+        to ack). If it fails, no data frame is acked (the nodes send again) and v1 frames keep
+        their receive time for then."""
+        conflicts = getattr(self.sink, "conflicts", 0)
+        try:
+            new = self.sink.write(rows)
+        except Exception as e:  # any sink failure: not durable, so no ack; the node retries
+            failed = [a for a in accepted if _is_data(a[1])]
+            self._sink_failed([f for _, f, _, _, _ in failed], e)
+            for _, f, rx_time, _, _ in failed:
+                if f.seq is not None:
+                    self._failed_rx[_frame_key(f)] = rx_time
+            while len(self._failed_rx) > self.RETRY_MEMORY:
+                self._failed_rx.popitem(last=False)
+            return None, [a for a in accepted if not _is_data(a[1])]
+        conflicts = getattr(self.sink, "conflicts", 0) - conflicts
+        if conflicts:
+            self._conflicts(conflicts, rows)
+        return new, accepted
+
+    def _accept(self, received, rx_time, signer, tag, copy):
+        """Count a durable (or STATUS) frame, note its node's health, remember it; its ack."""
+        counters = self.counters
+        if copy:
+            counters["frames_copies"] += 1
+        elif _is_data(received):
+            counters["frames_accepted"] += 1
+            counters["readings_accepted"] += len(received.readings)
+            self.health.data(received, rx_time)
+        else:
+            self._status(received)
+            self.health.status(received, rx_time)
+        self._remember(received, tag)
+        return self._ack(received, int(rx_time), signer, tag)
+
+    def _save_windows(self):
+        try:
+            self.verifier.save()
+        except (sqlite3.Error, OSError, StateError) as e:
+            # The readings are durable, so the acks go out; after a restart this batch's seqs
+            # would not be known as seen (v2 readings are deduped by identity).
+            self.counters["replay_state_error"] += 1
+            self.log.error("replay state %s not saved: %s", self.verifier.store.path, e)
 
     def _conflicts(self, count, rows):
         self.counters["index_conflicts"] += count
@@ -548,51 +572,10 @@ def counters_line(counters):
     return " ".join("%s=%d" % kv for kv in sorted(counters.items())) or "(none)"
 
 
-def serve_udp(sock, receiver, stop_event=None, poll_s=0.5, on_poll=None):
-    """Receive datagrams on a bound UDP socket and send each ack back to its source, until
-    stop_event is set (checked at least every poll_s seconds). on_poll(), if given, is called
-    after every datagram or timeout (for periodic reports). One datagram at a time, on the
-    calling thread; `citynode receive` uses UdpSource and serve() instead (batches)."""
-    log = receiver.log
-    sock.settimeout(poll_s)
-    while stop_event is None or not stop_event.is_set():
-        if on_poll is not None:
-            on_poll()
-        folded = getattr(receiver, "folded", None)
-        if folded is not None:
-            folded.flush()
-        try:
-            data, addr = sock.recvfrom(MAX_DATAGRAM + 1)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:  # ICMP port unreachable from an earlier ack (Windows)
-            continue
-        rx_time = time.time()
-        if len(data) > MAX_DATAGRAM:
-            receiver.counters["oversize"] += 1
-            continue
-        try:
-            ack = receiver.datagram(data, rx_time)
-        except Exception:  # a bug, not bad input: keep serving the other nodes
-            receiver.counters["internal_error"] += 1
-            log.exception("internal error on a datagram from %s len=%d", addr, len(data))
-            continue
-        if ack is None:
-            continue
-        # Counted before the send: whoever got the ack can already see it counted.
-        receiver.counters["acks_sent"] += 1
-        try:
-            sock.sendto(ack, addr)
-        except OSError as e:
-            receiver.counters["acks_sent"] -= 1
-            receiver.counters["ack_send_error"] += 1
-            log.warning("cannot send ack to %s: %s", addr, e)
-
-
 # --- sources and the receive loop -------------------------------------------------------
 
 
-class Intake:
+class Intake(interfaces.Intake):
     """Where every source puts its datagrams: a queue that the receive loop drains, bounded in
     datagrams and in bytes. Full means the receiver is behind (a slow disk, a flood): the
     datagram is dropped and counted by its source, and the node, having no ack, sends it
@@ -658,7 +641,7 @@ def serve(intake, receiver, stop_event, poll_s=0.5, on_poll=None, max_batch=256)
         for (_, reply, _), ack in zip(batch, acks, strict=True):
             if ack is None:
                 continue
-            counters["acks_sent"] += 1  # before the send, as in serve_udp
+            counters["acks_sent"] += 1  # before the send: whoever got it can see it counted
             try:
                 reply(ack)
             except OSError as e:
@@ -667,7 +650,7 @@ def serve(intake, receiver, stop_event, poll_s=0.5, on_poll=None, max_batch=256)
                 log.warning("cannot send ack: %s", e)
 
 
-class UdpSource:
+class UdpSource(interfaces.Source):
     """Datagrams from a bound UDP socket (nodes on Wi-Fi, or gateways that forward over UDP);
     each ack goes back to the datagram's sender. A thread of its own."""
 

@@ -14,12 +14,13 @@
 # has taken (host_tools/receive/ledger.py) in the same transaction as the rows; the JSON-lines and
 # InfluxDB files keep them in a ledger file beside them.
 #
-# Two kinds of sink. Local ones (SQLite, JSON lines, an InfluxDB line-protocol file) have
-# write(rows) and are written before the ack. Remote ones (HTTP webhook, InfluxDB over HTTP, and
-# MQTT in host_tools/receive/mqtt.py) have deliver(rows) and a stable `name`: the receiver never
-# waits for them; readings go to the on-disk spool (host_tools/receive/spool.py) and
-# host_tools/receive/forward.py delivers them, retrying until the remote end confirms, or moving a
-# batch it refuses for good (an HTTP 4xx) to the spool's dead letters. Delivery is at least once;
+# Two kinds of sink (host_tools/receive/interfaces.py Sink and RemoteSink). Local ones (SQLite,
+# JSON lines, an InfluxDB line-protocol file) have write(rows) and are written before the ack.
+# Remote ones (HTTP webhook, InfluxDB over HTTP, and MQTT in host_tools/receive/mqtt.py) have
+# deliver(rows) and a stable `name`: the receiver never waits for them; readings go to the
+# on-disk spool (host_tools/receive/spool.py) and host_tools/receive/forward.py delivers them,
+# retrying until the remote end confirms, or moving a batch it refuses for good (an HTTP 4xx) to
+# the spool's dead letters. Delivery is at least once;
 # every reading carries its id (reading_id: "node_id/reading_index/quantity") so the backend drops
 # the copies a retry may bring: exactly once from its point of view. A remote sink's `name` (logs,
 # the status file) never shows the credentials of its URL.
@@ -39,7 +40,9 @@ import stat
 import time
 import urllib.parse
 
+from host_tools.receive.interfaces import RemoteSink, Sink
 from host_tools.receive.ledger import FileLedger, MemoryLedger
+from host_tools.utc import iso_utc
 
 log = logging.getLogger("citynode.sinks")
 
@@ -83,7 +86,7 @@ _INSERT_V1 = (
 _INSERT = "INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?)"
 
 
-class SqliteSink:
+class SqliteSink(Sink):
     """Readings in an SQLite file, table `readings`. A reading already stored (the same node,
     reading index and quantity) is ignored, so writing the same rows twice is harmless, from one
     receiver or several on the same file. A file of schema 1 (before reading identities) is
@@ -247,12 +250,6 @@ def reading_json(row):
     }
 
 
-def iso_utc(ts):
-    """Unix seconds as ISO 8601 UTC with milliseconds: "2023-11-14T22:13:20.250Z"."""
-    dt = datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class _AppendFile:
     """An append-only text file that is written whole or not at all, with a ledger of the
     readings it holds. The lines go to the file descriptor with os.write, not through the
@@ -402,7 +399,7 @@ def _jsonl_ids(line):
     return int(row["node_id"]), None if index is None else int(index)
 
 
-class JsonlSink:
+class JsonlSink(Sink):
     """One JSON object per reading on a text stream (reading_json: id, node_id, reading_index,
     ts, time, quantity, value). A regular file is fsynced on every write and has a ledger
     beside it (<file>.ledger), so a reading is in it once; a pipe or terminal is only flushed,
@@ -428,7 +425,7 @@ class JsonlSink:
         self._file.close()
 
 
-class TeeSink:
+class TeeSink(Sink):
     """Several sinks as one: rows are durable once every sink has them. Returns the first
     sink's count of new rows."""
 
@@ -541,7 +538,7 @@ def _influx_ids(line):
     return int(m.group(1)), int(m.group(2))
 
 
-class InfluxFileSink:
+class InfluxFileSink(Sink):
     """Line protocol appended to a file (for Telegraf's tail input or `influx write`), fsynced
     on every write: a local, durable sink written before the ack, each reading once (a ledger
     beside the file, <file>.ledger)."""
@@ -795,7 +792,7 @@ class HttpPoster:
         )
 
 
-class WebhookSink:
+class WebhookSink(RemoteSink):
     """Readings POSTed as JSON to a URL: {"readings": [reading_json(row), ...]}, up to a batch
     per request. Any 2xx answer confirms the whole request; a 4xx but 408 and 429 refuses it for
     good (the forwarder moves the batch to the spool's dead letters); anything else (or no
@@ -816,7 +813,7 @@ class WebhookSink:
         self._http.close()
 
 
-class InfluxHttpSink:
+class InfluxHttpSink(RemoteSink):
     """Line protocol POSTed to an InfluxDB write endpoint: a URL such as
     http://host:8086/api/v2/write?org=ORG&bucket=BUCKET (a URL with no path gets /api/v2/write;
     precision=ns is added when absent). A token in $INFLUX_TOKEN goes in the Authorization

@@ -25,6 +25,7 @@ import sqlite3
 import threading
 import time
 
+from host_tools.receive.interfaces import Sink
 from host_tools.receive.ledger import SqlRanges
 from host_tools.receive.sinks import SinkError, is_disk_full
 
@@ -52,7 +53,7 @@ class SpoolFull(SinkError):
     """The spool cannot take more rows: the disk is full or the spool is at its size limit."""
 
 
-class Spool:
+class Spool(Sink):
     """The on-disk queue between the receiver and the remote sinks. Thread-safe: each thread
     gets its own SQLite connection. Sink interface: write(rows) -> count, durable on return."""
 

@@ -1,5 +1,5 @@
-# Everything a node does once at boot: read config.json, build the board and the node's parts,
-# count the boot, show the log saved before the last reset. Dropped from the heap afterwards.
+# What a node does once at boot: read config.json, build the board, count the boot, show the log
+# saved before the last reset (firmware/wiring.py calls it, then unloads it and config.py).
 
 import gc
 import os
@@ -45,8 +45,8 @@ def next_boot():
 
 
 def dump_log(path=LAST_LOG):
-    """Print what the node logged before a reset: `mpremote exec "from firmware import boot;
-    boot.dump_log()"` (the file is lastlog.txt, or lastlog.txt.old once it has been shown)."""
+    """Print what the node logged before a reset: `mpremote exec "from firmware import bringup;
+    bringup.dump_log()"` (the file is lastlog.txt, or lastlog.txt.old once it has been shown)."""
     for name in (path, path + ".old"):
         try:
             with open(name) as f:

@@ -1,17 +1,19 @@
-# Boot entry: build the node or gateway (firmware/start.py, then dropped), run it; report, never
-# halt. On a board, /main.py does `from firmware import main; main.run()`.
+# The application's entry: build the node or gateway (firmware/wiring.py, then unloaded), run it;
+# report, never halt. On a board, the root /main.py does `from firmware import app; app.run()`.
 
 import sys
+
+from firmware import unload
 
 LAST_LOG = "lastlog.txt"
 
 
 def run():
-    from firmware import start
+    from firmware import wiring
 
-    role, log, board, wdt_ms = start.build()
-    start.drop(("start",))
-    start = None
+    role, log, board, wdt_ms = wiring.build()
+    wiring = None
+    unload("wiring")
     if role is None:
         return
     wdt = board.wdt(wdt_ms)

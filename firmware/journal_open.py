@@ -1,7 +1,7 @@
 # Opening a journal at boot: read its state, scan its files, remove leftovers of a power cut;
 # and what a running journal needs only rarely (repairing a small file after a failed write,
 # stats()). Kept apart from journal.py so that this code leaves the heap once the node runs
-# (main.py); the journal imports it again when it needs it.
+# (firmware/wiring.py unloads it); the journal imports it again when it needs it.
 
 import binascii
 import os
