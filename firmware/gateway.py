@@ -18,7 +18,7 @@ def _tx_at(m):
 
 
 class Gateway:
-    ROLE = "gateway"  # the log's subsystem for what main.py reports
+    ROLE = "gateway"  # the log's subsystem for what app.py reports
 
     def __init__(self, cfg, board, log):
         self.board = board
@@ -51,7 +51,8 @@ class Gateway:
             # during the 2 s a node waits for its ack (GATEWAY.md "Timing").
             timeout = _LISTEN_MS
             if self.queue:
-                timeout = max(0, min(timeout, self.queue[0].tx_at_ms - self.board.ticks_ms()))
+                due = self.queue[0].tx_at_ms - _TX_MARGIN_MS  # a receive ends a little late
+                timeout = max(0, min(timeout, due - self.board.ticks_ms()))
             pkt = self.modem.recv(timeout_ms=timeout) if timeout else None
             if getattr(self.modem, "ended", False):
                 break  # only a simulated world ends

@@ -3,24 +3,34 @@
 #
 # Everything on the board is done by the real mpremote program, one subprocess per step; the first
 # one soft-resets the board (stopping the firmware that runs), the others `resume`. Steps:
-#   inspect   read /.provisioning, /config.json, sys.platform: wrong board, half-flashed, same node
+#   inspect   read /.provisioning, /config.json, sys.platform, the board's .mpy version (and, on a
+#             `citynode sim-board --board NAME`, the board it simulates): wrong board,
+#             half-flashed, same node
+#   fetch     before any board is changed: the HOST fetches the board's MIP_PACKAGES (and
+#             umqtt.simple for an mqtt:// uplink where the firmware does not freeze it) from
+#             micropython-lib's index or --mip-index (host_tools/mipindex.py), with what they
+#             require, for the board's .mpy version, and checks every file against the index's
+#             hash. A package that cannot be fetched stops the run here: no board was changed.
 #   prepare   write /.provisioning ("node=N step=..."), remove /main.py and the old /lib packages,
 #             then reset: a watchdog the old firmware started cannot be stopped any other way.
 #             A board that was another node (or a revoked one) also loses that node's state:
 #             /journal, /seq.dat, /clock.dat (counting the pending readings it drops)
 #   copy      the build (host_tools/build.py, the board's ARCH) into /lib
-#   packages  `mpremote mip install` of the board's MIP_PACKAGES: the HOST fetches them from
-#             micropython-lib's index (or --mip-index), so it needs Internet; the board does not
+#   packages  the fetched packages' files into /lib, as `mip install --target /lib` lays them out
 #   key       the node's key into the key registry (atomic, under a lock file)
 #   config    /main.py and /config.json
-#   verify    the board hashes every file written (sha256) against the build; only if all match is
-#             /.provisioning removed
+#   verify    the board hashes every file written (sha256) against the build and the fetched
+#             packages; only if all match is /.provisioning removed
 #   boot      over pyserial: raw REPL, machine.reset(), then the node's log until
 #             `I ... node started ... fw=X ... node=N`
 # A board that still has /.provisioning is half-flashed: `citynode flash` says so and finishes it.
 # A board found complete, as the same node with the registry's key and this very firmware and
 # config, is not flashed again ("already flashed, skipped"): re-running a run that failed half-way
-# leaves the finished boards (and their pending readings) alone.
+# leaves the finished boards (and their pending readings) alone, and fetches nothing.
+#
+# A simulated board (`citynode sim-board --board heltec_v3`) says which board it simulates; it is
+# admitted as that board only, and gets what its interpreter runs: the bytecode build with the
+# simulator's parts (boards/sim/), and packages for its own platform.
 #
 # Identity: a reading is known by (node id, reading index), and the index lives in the board's
 # journal. A board that becomes another node id, or a revoked node given a new key, must not
@@ -52,7 +62,7 @@ from pathlib import Path
 
 import serial
 
-from host_tools import build, serialport
+from host_tools import build, mipindex, nodelog, serialport
 from host_tools.keys import (
     KEY_BYTES,
     KeyFileError,
@@ -65,7 +75,7 @@ from host_tools.keys import (
 
 MARKER = "/.provisioning"
 LIB = "/lib"
-MAIN_PY = "from firmware import main\nmain.run()\n"
+MAIN_PY = "from firmware import app\napp.run()\n"  # the board's root /main.py (firmware/app.py)
 # The node's own state on the board (firmware/journal.py, seq.py, clock.py; paths relative to
 # the board's root, where main.py runs): it belongs to one node id and goes when the id does.
 JOURNAL = "/journal"
@@ -82,8 +92,6 @@ _STEP_TIMEOUT_S = 120.0
 MQTT_PACKAGE = "umqtt.simple"
 UMQTT_FROZEN = ("esp32",)  # sys.platform of the ports that freeze it
 
-_LOG_LINE = re.compile(r"([DIWE]) (\d+\.\d+) (\w+) (.*)$")
-_FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
 _EXCEPTION = re.compile(r"^(\w+(Error|Exception|Interrupt|Exit))\b.*")
 
 
@@ -110,6 +118,7 @@ class BoardDef:
     wifi: bool = False
     wifi_required: bool = False
     deep_sleep: bool = False  # config "idle": "deep" (boards/README.md)
+    pm_uart: int = None  # PM_UART_ID: the UART a serial PM sensor goes on; None: none
 
     @property
     def platform(self):
@@ -165,6 +174,8 @@ def board_def(name, root=build.ROOT):
                 except ValueError:
                     pass
     arch = attrs.get("ARCH")
+    # (the simulated board bridges any UART id to its PM sensor: boards/sim/uart_bridge.py)
+    pm_uart = attrs.get("PM_UART_ID", -1 if arch else 1)
     if arch not in PLATFORMS:
         raise Refused("board %s: ARCH %r is not one of %s" % (name, arch, sorted(build.ARCHES)))
     return BoardDef(
@@ -174,6 +185,7 @@ def board_def(name, root=build.ROOT):
         wifi=bool(attrs.get("WIFI", False)),
         wifi_required=bool(attrs.get("WIFI_REQUIRED", False)),
         deep_sleep=bool(attrs.get("DEEP_SLEEP", False)),
+        pm_uart=pm_uart if pm_uart >= 0 else None,
     )
 
 
@@ -187,10 +199,10 @@ def firmware_version(root=build.ROOT):
     raise FlashError("%s has no FW_VERSION" % path)
 
 
-def firmware_files(build_dir, board):
+def firmware_files(build_dir, board, simulated=False):
     """(local path, remote path) of everything copied into /lib: the build, less the simulated
-    board's folder (boards/sim/) on a real board and its boot script (boards/sim/boot.py, the
-    host's) everywhere."""
+    board's folder (boards/sim/) on a real board (kept on a simulated one) and its boot script
+    (boards/sim/boot.py, the host's) everywhere."""
     files = []
     for path in sorted(Path(build_dir).rglob("*")):
         if not path.is_file():
@@ -198,13 +210,13 @@ def firmware_files(build_dir, board):
         rel = path.relative_to(build_dir).as_posix()
         if rel.split("/")[0] not in PACKAGES or rel == "boards/sim/boot.mpy":
             continue
-        if board.name != "sim" and rel.startswith("boards/sim/"):
+        if board.name != "sim" and not simulated and rel.startswith("boards/sim/"):
             continue
         files.append((path, "%s/%s" % (LIB, rel)))
     return files
 
 
-def node_config(node_id, key, board, uplink, interval_s, batch, wifi=None, idle=None):
+def node_config(node_id, key, board, uplink, interval_s, batch, wifi=None, idle=None, sensor=None):
     """config.json's contents (firmware/config.py, README "Provisioning a board")."""
     cfg = {
         "node_id": node_id,
@@ -218,6 +230,11 @@ def node_config(node_id, key, board, uplink, interval_s, batch, wifi=None, idle=
         cfg["wifi"] = dict(wifi)
     if idle:
         cfg["idle"] = idle
+    if sensor:  # a particulate sensor beside the BME280 (firmware/sensors.py)
+        pm = {"type": sensor}
+        if sensor in ("sds011", "pms5003"):
+            pm["uart"] = board.pm_uart
+        cfg["sensors"] = [{"type": "bme280"}, pm]
     return json.dumps(cfg, sort_keys=True) + "\n"
 
 
@@ -323,6 +340,9 @@ def _is_device(port):
 
 # --- what runs on the board ------------------------------------------------------------------
 
+# The board's state; getattr for what older or smaller ports may lack. $CITYNODE_SIM_BOARD is
+# set by `citynode sim-board` only (host_tools/sim/simboard.py SIM_BOARD_ENV): the board it
+# simulates; a board's os has no getenv.
 _INSPECT = """
 import sys
 def _cn_read(p):
@@ -331,7 +351,13 @@ def _cn_read(p):
             return f.read()
     except OSError:
         return None
-print('CITYNODE-STATE', repr((sys.platform, _cn_read('%s'), _cn_read('/config.json'))))
+try:
+    import os
+    _cn_sim = os.getenv('CITYNODE_SIM_BOARD')
+except (ImportError, AttributeError):
+    _cn_sim = None
+print('CITYNODE-STATE', repr((sys.platform, _cn_read('%s'), _cn_read('/config.json'),
+    getattr(sys.implementation, '_mpy', 0) & 0xFF, _cn_sim)))
 """ % (MARKER,)
 
 _RM_TREE = """
@@ -446,48 +472,40 @@ def _cn_hash(_p):
 """
 
 
-def _hash_script(paths):
-    """Print the sha256 of each path on the board (None when missing) and the FW_VERSION of the
-    firmware in /lib (None when it does not import): CITYNODE-HASHES ({path: hex}, version)."""
-    return (
+def _hash_script(paths, version=True):
+    """Print the sha256 of each path on the board, a line each (CITYNODE-HASH <hex or -> <path>:
+    nothing accumulates on the board's heap, whatever the number of files), then, with version,
+    the FW_VERSION of the firmware in /lib (CITYNODE-FW <repr>, None when it does not import)."""
+    script = (
         _BOARD_HASH
         + """
-_cn_h = {}
 for _p in %r:
     try:
-        _cn_h[_p] = _cn_hash(_p)
+        print('CITYNODE-HASH', _cn_hash(_p), _p)
     except OSError:
-        _cn_h[_p] = None
+        print('CITYNODE-HASH', '-', _p)
+"""
+        % (sorted(paths),)
+    )
+    if version:
+        script += """
 try:
     from firmware import FW_VERSION as _cn_fw
 except Exception:
     _cn_fw = None
-print('CITYNODE-HASHES', repr((_cn_h, _cn_fw)))
+print('CITYNODE-FW', repr(_cn_fw))
 """
-        % (sorted(paths),)
-    )
+    return script
 
 
-def _verify_script(expected):
-    """Hash every file on the board; remove the marker only if all match. Prints the paths that
-    do not match (missing or different)."""
-    return (
-        _BOARD_HASH
-        + """
-import os
-_cn_bad = []
-for _p, _h in %r:
-    try:
-        if _cn_hash(_p) != _h:
-            _cn_bad.append(_p)
-    except OSError:
-        _cn_bad.append(_p)
-if not _cn_bad:
-    os.remove(%r)
-print('CITYNODE-VERIFY', repr(_cn_bad))
-"""
-        % (sorted(expected.items()), MARKER)
-    )
+def _hashes(output):
+    """{path: hex or None} from _hash_script's output."""
+    hashes = {}
+    for line in output.splitlines():
+        if line.startswith("CITYNODE-HASH "):
+            _tag, digest, path = line.rstrip("\r").split(" ", 2)
+            hashes[path] = None if digest == "-" else digest
+    return hashes
 
 
 def _tagged(output, tag):
@@ -506,6 +524,12 @@ class BoardState:
     marker: dict = None  # {"node": int, "step": str} when half-flashed
     config: dict = None  # the board's config.json, when it is valid JSON
     config_text: str = None
+    mpy: str = "6"  # the .mpy version packages are fetched for (sys.implementation._mpy), or "py"
+    simulates: str = None  # the board a `citynode sim-board` simulates ("sim", "heltec_v3"...)
+
+    @property
+    def simulated(self):
+        return self.simulates is not None
 
     @property
     def node_id(self):
@@ -529,7 +553,9 @@ def parse_marker(text):
 
 
 def inspect(mp):
-    platform, marker, config_text = _tagged(mp.exec(_INSPECT, "inspecting"), "CITYNODE-STATE")
+    platform, marker, config_text, mpy, simulates = _tagged(
+        mp.exec(_INSPECT, "inspecting"), "CITYNODE-STATE"
+    )
     config = None
     if config_text is not None:
         try:
@@ -538,7 +564,9 @@ def inspect(mp):
             config = None
         if not isinstance(config, dict):
             config = None
-    return BoardState(platform, parse_marker(marker), config, config_text)
+    return BoardState(
+        platform, parse_marker(marker), config, config_text, str(mpy or "py"), simulates
+    )
 
 
 @dataclass
@@ -555,12 +583,19 @@ class Plan:
     drop_from: int = None  # the node id whose journal, seq.dat and clock.dat are dropped
     reinstate: bool = False  # node_id is revoked: it comes back with a new key (--reflash)
     skip: bool = False  # already flashed (same node, key, firmware, config): left as it is
+    files: list = None  # [(local .mpy, remote path)]: the build this board runs
+    packages: list = field(default_factory=list)  # [mipindex.StagedFile], fetched and checked
 
 
 def admit(index, port, node_id, state, board, keys, keys_path, reflash, revoked=()):
     """Decide whether this board may become node_id (keys: the registry's active nodes, revoked:
     the ids it has revoked). Raises Refused with the reason."""
-    if state.platform != board.platform:
+    if state.simulates not in (None, "sim") and state.simulates != board.name:
+        raise Refused(
+            "%s: the board is a simulated %s, not %s" % (port, state.simulates, board.name),
+            "check --board, or start the sim-board with --board %s" % board.name,
+        )
+    if state.simulates in (None, "sim") and state.platform != board.platform:
         raise Refused(
             "%s: the board runs MicroPython for %s, but board %s needs %s"
             % (port, state.platform, board.name, board.platform),
@@ -640,39 +675,98 @@ class Flasher:
 
     def __init__(self, board, keys_path, uplink, interval_s, batch, wifi=None, reflash=False,
                  mip_index=None, extra_packages=(), boot_timeout=BOOT_TIMEOUT_S,
-                 progress=None, root=build.ROOT, mpremote=None, idle=None):  # fmt: skip
+                 progress=None, root=build.ROOT, mpremote=None, idle=None,
+                 sensor=None):  # fmt: skip
         self.board = board
         self.idle = idle
+        self.sensor = sensor
         self.keys_path = Path(keys_path)
         self.uplink = uplink
         self.interval_s = interval_s
         self.batch = batch
         self.wifi = wifi
         self.reflash = reflash
-        self.mip_index = mip_index
-        self.packages = tuple(board.mip_packages) + tuple(extra_packages)
-        if uplink.startswith("mqtt://") and board.platform not in UMQTT_FROZEN:
-            if MQTT_PACKAGE not in self.packages:
-                self.packages += (MQTT_PACKAGE,)  # firmware/mqtt_link.py
+        self.mip_index = mip_index or mipindex.DEFAULT_INDEX
+        self.extra_packages = tuple(extra_packages)
+        self.packages = self.packages_for(board.platform)
         self.boot_timeout = boot_timeout
         self.progress = progress or (lambda index, text, final=False: None)
-        self.extra_packages = tuple(extra_packages)
         self.root = Path(root)
         self.mpremote = mpremote
         self.fw_version = firmware_version(self.root)
         self.build_dir = self.root / "build" / (board.arch or "unix")
         self.files = None  # [(local .mpy, remote path)] once built
+        self._builds = {}  # (arch, simulated) -> files
+        self._staging = None  # the folder packages are fetched into (close() removes it)
+
+    def packages_for(self, platform):
+        """The micropython-lib packages a board running on `platform` needs: MIP_PACKAGES,
+        --package, and umqtt.simple for an mqtt:// uplink where the port does not freeze it."""
+        packages = tuple(self.board.mip_packages) + self.extra_packages
+        if self.uplink.startswith("mqtt://") and platform not in UMQTT_FROZEN:
+            if MQTT_PACKAGE not in packages:
+                packages += (MQTT_PACKAGE,)  # firmware/mqtt_link.py
+        return packages
 
     # -- admission: every board inspected and every id checked before any board is changed --
 
     def build(self):
         """Compile the firmware for the board's architecture (before any board is touched)."""
-        self.progress(0, "building firmware (%s)" % (self.board.arch or "bytecode"))
-        try:
-            build.build(self.build_dir, arch=self.board.arch, root=self.root)
-        except build.BuildError as e:
-            raise Refused("build failed: %s" % e) from None
-        self.files = firmware_files(self.build_dir, self.board)
+        self.files = self._build(self.board.arch, False)
+
+    def _build(self, arch, simulated):
+        """The files of the build for arch (a simulated board: bytecode, with boards/sim/)."""
+        key = (arch, simulated)
+        if key not in self._builds:
+            self.progress(0, "building firmware (%s)" % (arch or "bytecode"))
+            build_dir = self.root / "build" / (arch or "unix")
+            try:
+                build.build(build_dir, arch=arch, root=self.root)
+            except build.BuildError as e:
+                raise Refused("build failed: %s" % e) from None
+            self._builds[key] = firmware_files(build_dir, self.board, simulated)
+        return self._builds[key]
+
+    def stage(self, plans):
+        """Fetch and check every package the boards to flash need, before any is changed
+        (a failure raises Refused naming the package and the URL). Boards that need the same
+        packages for the same .mpy version share one fetch."""
+        fetched = {}
+        for plan in plans:
+            if plan.skip:
+                continue
+            packages = self.packages_for(plan.state.platform)
+            if not packages:
+                continue
+            key = (plan.state.mpy, packages)
+            if key not in fetched:
+                if self._staging is None:
+                    self._staging = tempfile.TemporaryDirectory(prefix="citynode-packages-")
+                dest = Path(self._staging.name) / str(len(fetched))
+
+                def say(text, index=plan.index):
+                    self.progress(index, "%s (from %s)" % (text, self.mip_index))
+
+                try:
+                    fetched[key] = mipindex.fetch(
+                        packages, self.mip_index, plan.state.mpy, dest, progress=say
+                    )
+                except mipindex.FetchError as e:
+                    raise Refused("%s; no board was changed" % e) from None
+            plan.packages = fetched[key]
+
+    def close(self):
+        """Remove the fetched packages."""
+        if self._staging is not None:
+            self._staging.cleanup()
+            self._staging = None
+
+    def release(self, sessions):
+        """Start the firmware of boards that were only inspected (inspecting stopped it)."""
+        for mp in sessions.values():
+            if mp.resume:
+                with contextlib.suppress(FlashError):
+                    mp(["reset"], "resetting")
 
     def plan(self, ports, first_id):
         plans, refusals, sessions, inspected = [], [], {}, []
@@ -698,14 +792,14 @@ class Flasher:
                     i, port, node_id, state, self.board, keys, self.keys_path, self.reflash,
                     revoked,
                 )  # fmt: skip
+                simulated = state.simulated and self.board.arch is not None
+                plan.files = self._build(None, True) if simulated else self.files
                 plan.skip = self._complete(mp, plan, keys)
                 plans.append(plan)
             except FlashError as e:
                 refusals.append(e)
-        if refusals:
-            for port in inspected:  # inspecting stopped their firmware: start it again
-                with contextlib.suppress(FlashError):
-                    sessions[port](["reset"], "resetting")
+        if refusals:  # inspecting stopped their firmware: start it again
+            self.release({port: sessions[port] for port in inspected})
         return plans, refusals, sessions
 
     def _complete(self, mp, plan, keys):
@@ -722,21 +816,21 @@ class Flasher:
             return False
         if state.config_text != self._config(node_id, keys[node_id]):
             return False
-        expected = self._expected(self._config(node_id, keys[node_id]))
-        hashes, version = _tagged(
-            mp.exec(_hash_script(expected), "comparing the firmware"), "CITYNODE-HASHES"
-        )
-        return version == self.fw_version and hashes == expected
+        expected = self._expected(self._config(node_id, keys[node_id]), plan.files)
+        out = mp.exec(_hash_script(expected), "comparing the firmware")
+        return _tagged(out, "CITYNODE-FW") == self.fw_version and _hashes(out) == expected
 
     def _config(self, node_id, key):
         return node_config(
             node_id, key, self.board, self.uplink, self.interval_s, self.batch, self.wifi,
-            self.idle,
+            self.idle, self.sensor,
         )  # fmt: skip
 
-    def _expected(self, config):
+    def _expected(self, config, files, packages=()):
         """{remote path: sha256} of every file a flash writes."""
-        expected = {remote: _sha256(local.read_bytes()) for local, remote in self.files}
+        expected = {remote: _sha256(local.read_bytes()) for local, remote in files}
+        for staged in packages:
+            expected["%s/%s" % (LIB, staged.target)] = staged.sha256
         expected["/main.py"] = _sha256(MAIN_PY.encode())
         expected["/config.json"] = _sha256(config.encode())
         return expected
@@ -758,14 +852,15 @@ class Flasher:
 
         for note in plan.notes:
             say(note)
-        files = self.files
+        files = plan.files
+        packages = [(f.local, "%s/%s" % (LIB, f.target)) for f in plan.packages]
         hint = (
             "re-run the same command: the board is marked half-flashed (%s) and will be "
             "finished" % MARKER
         )
         try:
             say("preparing (marking the board half-flashed)")
-            dirs = [remote.rsplit("/", 1)[0] for _, remote in files]
+            dirs = _folders(remote for _, remote in files + packages)
             drop = plan.drop_from is not None
             out = mp.exec(_prepare_script(node_id, dirs, drop), "preparing")
             if drop:
@@ -785,12 +880,11 @@ class Flasher:
             say("restarting the board without its old firmware")
             mp(["exec", "--no-follow", "import machine\nmachine.reset()"], "restarting")
             self._wait_for_board(mp, "restarting")
-            self._copy(mp, node_id, files, say)
-            for package in self.packages:
-                say("installing package %s" % package)
-                args = ["exec", _mark(node_id, "packages"), "+", "mip", "install"]
-                args += ["--target", LIB] + (["--index", self.mip_index] if self.mip_index else [])
-                mp(args + [package], "installing package %s" % package, timeout=300)
+            self._copy(mp, node_id, files, say, "copy", "copying firmware")
+            if packages:
+                names = sorted({f.package for f in plan.packages})
+                what = "copying package%s %s" % ("s" if len(names) > 1 else "", ", ".join(names))
+                self._copy(mp, node_id, packages, say, "packages", what)
             key = self._key(plan, say)
             say("writing config.json and main.py")
             config = self._config(node_id, key)
@@ -801,14 +895,17 @@ class Flasher:
                 args = ["exec", _mark(node_id, "config"), "+", "fs", "cp", "-f"]
                 args += [str(main_path), ":/main.py", "+", "fs", "cp", "-f", str(cfg_path)]
                 mp(args + [":/config.json"], "writing config.json")
-            say("verifying %d files" % (len(files) + 2))
-            expected = self._expected(config)
-            bad = _tagged(mp.exec(_verify_script(expected), "verifying"), "CITYNODE-VERIFY")
+            expected = self._expected(config, files, plan.packages)
+            say("verifying %d files" % len(expected))
+            out = mp.exec(_hash_script(expected, version=False), "verifying")
+            hashes = _hashes(out)
+            bad = sorted(p for p, digest in expected.items() if hashes.get(p) != digest)
             if bad:
                 raise FlashError(
                     "%s: %d file(s) on the board differ from what was written: %s"
                     % (port, len(bad), ", ".join(bad[:5]))
                 )
+            mp.exec("import os\nos.remove(%r)" % MARKER, "verifying")  # all match: complete
         except FlashError as e:
             if e.hint is None:
                 e.hint = hint
@@ -836,10 +933,10 @@ class Flasher:
                 )
             time.sleep(0.3)
 
-    def _copy(self, mp, node_id, files, say):
+    def _copy(self, mp, node_id, files, say, step, what):
         total = len(files)
-        say("copying firmware (0/%d files)" % total)
-        args = ["exec", _mark(node_id, "copy")]
+        say("%s (0/%d files)" % (what, total))
+        args = ["exec", _mark(node_id, step)]
         by_dir = {}
         for local, remote in files:
             by_dir.setdefault(remote.rsplit("/", 1)[0], []).append(str(local))
@@ -850,9 +947,9 @@ class Flasher:
         def on_line(line):
             if line.startswith("cp "):
                 done[0] += 1
-                say("copying firmware (%d/%d files)" % (done[0], total))
+                say("%s (%d/%d files)" % (what, done[0], total))
 
-        mp(args, "copying firmware", on_line=on_line, timeout=max(_STEP_TIMEOUT_S, 5 * total))
+        mp(args, what, on_line=on_line, timeout=max(_STEP_TIMEOUT_S, 5 * total))
 
     def _key(self, plan, say):
         """The node's key, in the registry before the board gets it (see the header)."""
@@ -902,19 +999,27 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def _folders(remotes):
+    """Every folder the remote files go into, with its parents under /lib, parents first."""
+    folders = set()
+    for remote in remotes:
+        parts = remote.split("/")[1:-1]  # "/lib/lora/x.mpy" -> ["lib", "lora"]
+        for n in range(1, len(parts) + 1):
+            folders.add("/" + "/".join(parts[:n]))
+    return sorted(folders)
+
+
 # --- the boot line ---------------------------------------------------------------------------
 
 
 def parse_log_line(text):
-    """(level, subsystem, message, {field: value}) of a node log line, else None."""
-    m = _LOG_LINE.search(text)
-    if not m:
+    """(level, subsystem, message, {field: value}) of a node log line, REPL output glued in
+    front allowed (host_tools/nodelog.py), else None."""
+    found = nodelog.find_log_line(text)
+    if found is None:
         return None
-    level, _uptime, subsystem, rest = m.groups()
-    first = _FIELD.search(rest)
-    message = rest[: first.start()].strip() if first else rest.strip()
-    fields = {k: v.strip('"') for k, v in _FIELD.findall(rest[len(message) :])}
-    return level, subsystem, message, fields
+    log = found[1]
+    return log.level, log.subsystem, log.message, dict(log.fields)
 
 
 def open_serial(port):
@@ -1004,7 +1109,7 @@ def _watch_boot(ser, port, node_id, fw_version, timeout, hint):
                         % (port, node_id, fields.get("fw"), fw_version),
                         hint,
                     )
-                return text[_LOG_LINE.search(text).start() :]
+                return text[nodelog.find_log_line(text)[0] :]
             if level == "E" and subsystem in ("config", "node"):
                 detail = " ".join([message] + ["%s=%s" % kv for kv in sorted(fields.items())])
                 raise FlashError("%s: node %d did not start: %s" % (port, node_id, detail), hint)

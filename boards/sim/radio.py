@@ -1,6 +1,9 @@
-# The simulated board's LoRa radio: micropython-lib's modem API (lora-sync: configure, send,
-# recv, get_time_on_air_us) over the fleet simulator's shared air (host_tools/sim/air.py), which
-# decides time on air, collisions, range, RSSI and SNR. Loaded only by boards with a radio.
+# The simulated board's API-level LoRa modem: micropython-lib's modem API (lora-sync: configure,
+# send, recv, get_time_on_air_us) answered by the fleet simulator's shared air
+# (host_tools/sim/air.py: time on air, collisions, range, RSSI and SNR) in one request each.
+# No driver code runs behind it; it stays because big fleet runs are several times faster with it
+# than with a board's real driver on a chip model (boards/sim/spi.py, "sim": {"radio": ...}; the
+# figures: bench/RESULTS.md "LoRa fleet"). Which runs use which: boards/README.md.
 
 from firmware.airtime import time_on_air_us
 

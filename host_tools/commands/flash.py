@@ -3,15 +3,16 @@
 #
 # Exit status: 0 every board flashed (or found already flashed) and booted; 2 refused before any
 # board was changed (bad option, wrong board name, no such port, port busy, node id in use, a
-# board that was another node or a revoked id without --reflash, key file unreadable); 1 a board
-# failed part-way (it is marked half-flashed: re-running the same command finishes it).
+# board that was another node or a revoked id without --reflash, key file unreadable, a package
+# that cannot be fetched from the index or does not match its hash); 1 a board failed part-way
+# (it is marked half-flashed: re-running the same command finishes it).
 
 import os
 import sys
 
 import serial
 
-from host_tools import flash
+from host_tools import flash, mipindex
 from host_tools.commands import CliError
 from host_tools.keys import KeyFileError, load_keys
 
@@ -52,6 +53,12 @@ def add_arguments(p):
         help="how the node sleeps between samples (default light; deep: ESP32 boards, see "
         "boards/README.md)",
     )
+    p.add_argument(
+        "--sensor",
+        choices=("sds011", "pms5003", "sps30"),
+        help="a particulate sensor beside the BME280, written into config.json (SDS011 and "
+        "PMS5003 on the board's PM UART, boards/README.md; SPS30 on the I2C bus)",
+    )
     p.add_argument("--wifi-ssid", metavar="SSID", help="Wi-Fi network (boards with Wi-Fi)")
     p.add_argument(
         "--wifi-password",
@@ -68,8 +75,11 @@ def add_arguments(p):
     )
     p.add_argument(
         "--mip-index",
-        metavar="URL",
-        help="micropython-lib package index for the board's packages (default: mpremote's)",
+        metavar="URL|DIR",
+        help="micropython-lib package index the board's packages are fetched from, checked, "
+        "before any board is changed: a URL, or a folder holding an index (offline; "
+        "python -m host_tools.mipindex builds one). Default %s, as mpremote's"
+        % mipindex.DEFAULT_INDEX,
     )
     p.add_argument(
         "--package",
@@ -129,6 +139,11 @@ def _check_options(args):
         )
     if len(set(args.ports)) != len(args.ports):
         raise CliError("a port is given twice")
+    if args.mip_index is not None:
+        try:
+            args.mip_index = mipindex.check_index(args.mip_index)
+        except mipindex.MipIndexError as e:
+            raise CliError(str(e)) from None
 
 
 def _wifi(args, board):
@@ -189,6 +204,13 @@ def run(args):
     except flash.FlashError as e:
         raise CliError("%s (%s)" % (e, e.hint) if e.hint else str(e)) from None
     wifi = _wifi(args, board)
+    sensor = getattr(args, "sensor", None)
+    if sensor in ("sds011", "pms5003") and board.pm_uart is None:
+        raise CliError("board %s has no UART for a PM sensor (boards/README.md)" % board.name)
+    if sensor and args.idle == "deep":
+        raise CliError(
+            "--sensor %s: a PM sensor needs --idle light (it spins up before each sample)" % sensor
+        )
     if args.idle == "deep" and not board.deep_sleep:
         raise CliError(
             "--idle deep: board %s cannot deep sleep and keep RTC memory (the ESP32 boards can)"
@@ -218,11 +240,19 @@ def run(args):
         boot_timeout=args.boot_timeout,
         progress=progress,
         idle=args.idle,
+        sensor=sensor,
     )
     try:
         flasher.build()
     except flash.FlashError as e:
         raise CliError(str(e)) from None
+    try:
+        return _flash(args, flasher, total, progress)
+    finally:
+        flasher.close()
+
+
+def _flash(args, flasher, total, progress):
     plans, refusals, sessions = flasher.plan(args.ports, args.node_id)
     if refusals:
         for e in refusals:
@@ -232,6 +262,12 @@ def run(args):
                 "citynode: no board was changed (%d of %d refused)" % (len(refusals), total),
                 file=sys.stderr,
             )
+        return 2
+    try:
+        flasher.stage(plans)  # every package fetched and checked before any board changes
+    except flash.Refused as e:
+        flasher.release(sessions)
+        _report(e)
         return 2
 
     failed = 0

@@ -271,6 +271,28 @@ class Medium:
             if w[4] is None or w[4] > t_us:
                 w[4] = max(t_us, w[3])
 
+    def locked(self, radio_id, t_us):
+        """The end (us) of a frame still in the air that radio_id locked onto (it listened on
+        its channel at the frame's critical section, at or before t_us, and hears it above
+        its sensitivity), or None: a receiver that has locked receives to the end even if its
+        receive window times out meanwhile (the SX127x's and SX126x's behaviour)."""
+        end = None
+        for _, _, tx in self._pending:
+            if tx.sender == radio_id or tx.t_crit > t_us or tx.t_end <= t_us:
+                continue
+            for freq, sf, bw, t_from, t_until in self._windows.get(radio_id, ()):
+                if (
+                    freq == tx.freq_khz
+                    and sf == tx.sf
+                    and bw == tx.bw
+                    and t_from <= tx.t_crit
+                    and (t_until is None or tx.t_crit <= t_until)
+                    and self.received_dbm(tx, radio_id) >= self.sensitivity(tx.sf, tx.bw)
+                ):
+                    end = tx.t_end if end is None else max(end, tx.t_end)
+                    break
+        return end
+
     def _radio(self, radio_id):
         if radio_id not in self.radios:
             raise ValueError("no radio %r: add_radio() it first" % (radio_id,))
