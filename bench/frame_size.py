@@ -377,7 +377,53 @@ def main():
     versions(runs)
 
 
+PM_CHANNELS = (1, 2, 3, 4, 5)  # BME280 + PM2.5, PM10 (0.1 ug/m3): a node with "sensors"
+
+
+def pm_sizes(days=7, batch=10):
+    """Bytes a reading of BME280 + PM in frames of `batch` (v2, node 1234, index from 525 600),
+    beside the BME280 alone on the same rows: generated Koper weather at 1-min samples with PM
+    made from it (host_tools/sim/pm.py), and the two real traces with PM made from them."""
+    from host_tools.sim import pm, weather
+
+    cases = [("generated Koper weather, %d days at 60 s" % days, 1)]
+    cases += [(name, None) for name, _ in TRACES]
+    print("## BME280 + PM frames (bench/frame_size.py --pm), batch %d, format v2\n" % batch)
+    print("| rows | readings | BME280 B/reading | BME280 + PM B/reading | PM costs |")
+    print("|---|---:|---:|---:|---:|")
+    signer = Signer(KEY)
+    for label, seed in cases:
+        if seed is not None:
+            rows = weather.generate(1782864000, 60, days * 1440, seed=seed)
+        else:
+            rows = read_trace(SHARED_DATA / dict(TRACES)[label])
+        rows = pm.add_pm(rows, seed=0)
+        sizes = {}
+        for channels in (BME280_CHANNELS, PM_CHANNELS):
+            total = n = 0
+            for i, b in enumerate(batches(rows, batch)):
+                newest = b[-1][0]
+                ages = [newest - r[0] for r in b]
+                readings = [
+                    quantise(r[:4])[1]
+                    + ((round(r[4] * 10), round(r[5] * 10)) if len(channels) > 3 else ())
+                    for r in b
+                ]
+                data = encode_data(signer, 1234, 525_600 + i * batch, channels, readings, ages)
+                got = decode_data(data, signer)
+                if tuple(got.channels) != channels or [tuple(r) for r in got.readings] != readings:
+                    raise CodecMismatch("%s: frame %d does not decode back" % (label, i))
+                total += len(data)
+                n += len(b)
+            sizes[channels] = total / n
+        a, b = sizes[BME280_CHANNELS], sizes[PM_CHANNELS]
+        print("| %s | %d | %.2f | %.2f | +%.2f |" % (label, n, a, b, b - a))
+
+
 if __name__ == "__main__":
+    if "--pm" in sys.argv[1:]:
+        pm_sizes()
+        sys.exit(0)
     try:
         main()
     except CodecMismatch as exc:

@@ -1,13 +1,14 @@
 # LILYGO T3 v1.6.1 (ESP32-PICO-D4 + SX1276, 868 MHz) with a BME280 on the OLED's I2C bus;
 # uplink over LoRa, optionally Wi-Fi. Wiring only; sources in boards/README.md.
 
-from boards.hw import RealBoard
+from boards.hw import ESP32_RTC_KEEPS, RealBoard
 
 
 class Board(RealBoard):
     NAME = "lilygo_t3_v161"
     ARCH = "xtensawin"
     DEEP_SLEEP = True
+    RTC_KEEPS = ESP32_RTC_KEEPS
     MIP_PACKAGES = ("lora-sx127x", "lora-sync")
     WIFI = True
     I2C_ID = 0  # shared with the SSD1306 OLED at 0x3C; the BME280 answers at 0x76/0x77
@@ -23,3 +24,8 @@ class Board(RealBoard):
     LORA_DIO0 = 26
     LORA_DIO1 = 33  # on the TCXO variant GPIO33 enables the TCXO instead: not supported here
     LORA_TX_ANT = "PA_BOOST"  # only the SX1276's PA_BOOST output is routed to the antenna
+    # PM sensor (SDS011, PMS5003) UART: RX on input-only GPIO36 (Meshtastic's tlora_v2_1_16 GPS
+    # RX); TX on free GPIO4 (its GPS TX, 39, is input-only: it cannot send the sensor commands)
+    PM_UART_ID = 2
+    PM_UART_TX = 4
+    PM_UART_RX = 36

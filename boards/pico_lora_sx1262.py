@@ -21,3 +21,7 @@ class Board(RealBoard):
     LORA_BUSY = 2
     LORA_DIO1 = 20
     LORA_TCXO_MV = 1800  # TCXO on DIO3 at 1.8 V; DIO2 switches the antenna
+    # PM sensor (SDS011, PMS5003) UART: UART1 on GP8/GP9, not used by the Waveshare SX1262 module
+    PM_UART_ID = 1
+    PM_UART_TX = 8
+    PM_UART_RX = 9

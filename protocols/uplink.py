@@ -56,6 +56,10 @@ STATUS_FIELDS = {
     7: "fw_version",
     8: "sensor_faults",
     9: "uptime_s",
+    10: "bme280_faults",  # per sensor, on nodes with config "sensors" (firmware/sensors.py)
+    11: "sds011_faults",
+    12: "pms5003_faults",
+    13: "sps30_faults",
 }
 
 
