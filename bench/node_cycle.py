@@ -10,6 +10,12 @@ fleet simulator at decreasing heap sizes; and the same for a node whose uplink i
 a real mosquitto on loopback, a small host peer acking each frame).
 
     .venv/bin/python bench/node_cycle.py
+    .venv/bin/python bench/node_cycle.py --lora [heltec_v3|lilygo_t3_v161|pico_lora_sx1262]
+    .venv/bin/python bench/node_cycle.py --sensors bme280,sds011
+
+(`--lora`: only the LoRa node's heap over a simulated day, with the API-level modem, or with a
+board's real radio set-up and micropython-lib's driver on the chip model. `--sensors`: only the
+heap of a node with these sensors (config "sensors", firmware/sensors.py) over a simulated day.)
 
 x86-64 figures: a 240 MHz ESP32 or 133 MHz RP2040 runs the same bytecode many times slower,
 and a 32-bit port's objects are smaller (pointers are 4 bytes, not 8).
@@ -30,9 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from host_tools import build, weather  # noqa: E402
+from host_tools import build  # noqa: E402
 from host_tools.receive.receiver import Receiver, Verifier  # noqa: E402
 from host_tools.receive.sinks import SqliteSink  # noqa: E402
+from host_tools.sim import weather  # noqa: E402
 from host_tools.sim.fleet import NODE_HEAP, NODE_MIN_HEAP, Fleet, NodeSpec  # noqa: E402
 from protocols import frame, uplink  # noqa: E402
 
@@ -140,31 +147,28 @@ def smallest_heap():
     return results
 
 
-def ten_thousand_cycles(heap, cycles=10000):
-    """The real node (firmware/main.py) on the simulated board for `cycles` one-minute cycles
-    in `heap`: (resets, readings stored, free heap in its status frames every 1 000 cycles)."""
-    rows = weather.generate(1782864000, 60, cycles, seed=0)
-    key = bytes(range(16))
-    spec = NodeSpec(16, key, rows, 60, 10, {"status_every": 1000})
+def _probed_run(specs, key, heap, timeout_s):
+    """Run the fleet of specs (the first is the measured node, node id 16) into SQLite:
+    (its resets, or the FleetError of a node that kept resetting; readings stored; the
+    free_heap field of each of its status frames)."""
     free = []
     with tempfile.TemporaryDirectory() as tmp:
         sink = SqliteSink(Path(tmp) / "r.db")
-        fleet = Fleet(Path(tmp) / "fleet", [spec], receiver=None, heap=heap)
+        fleet = Fleet(Path(tmp) / "fleet", specs, receiver=None, heap=heap)
         receiver = Receiver(Verifier({16: key}), sink, clock=fleet.clock)
 
         class Probe:  # the free_heap field of every status frame, then the receiver's work
-            def datagram(self, data):
+            def datagram(self, data, **kw):
                 if data[0] & 0x0F == frame.TYPE_STATUS:
                     free.append(uplink.decode_status(data, frame.Signer(key)).fields[3])
-                return receiver.datagram(data)
+                return receiver.datagram(data, **kw)
 
             def __getattr__(self, name):
                 return getattr(receiver, name)
 
         fleet.receiver = Probe()
         try:
-            result = fleet.run(timeout_s=600)[0]
-            resets = result["resets"]
+            resets = fleet.run(timeout_s=timeout_s)[0]["resets"]
         except Exception as e:  # a node that keeps resetting: FleetError
             resets = str(e)
         finally:
@@ -173,6 +177,15 @@ def ten_thousand_cycles(heap, cycles=10000):
         stored = con.execute("SELECT COUNT(DISTINCT ts) FROM readings").fetchone()[0]
         con.close()
     return resets, stored, free
+
+
+def ten_thousand_cycles(heap, cycles=10000):
+    """The real node (firmware/app.py) on the simulated board for `cycles` one-minute cycles
+    in `heap`: (resets, readings stored, free heap in its status frames every 1 000 cycles)."""
+    rows = weather.generate(1782864000, 60, cycles, seed=0)
+    key = bytes(range(16))
+    spec = NodeSpec(16, key, rows, 60, 10, {"status_every_s": 60000})
+    return _probed_run([spec], key, heap, timeout_s=600)
 
 
 UMQTT = ROOT.parent / "shared/vendor/micropython-lib/micropython/umqtt.simple/umqtt/simple.py"
@@ -218,7 +231,7 @@ def mqtt_day(heap, cycles=1440):
             + [str(build_dir / "umqtt" / "simple.mpy"), str(UMQTT)],
             check=True,
         )
-        config = {"uplink": "mqtt://127.0.0.1:%d" % broker[1], "status_every": 120}
+        config = {"uplink": "mqtt://127.0.0.1:%d" % broker[1], "status_every_s": 7200}
         spec = NodeSpec(16, key, rows, 60, 10, config)
         fleet = Fleet(Path(tmp) / "fleet", [spec], receiver=None, heap=heap, build_dir=build_dir)
         signer = frame.Signer(key)
@@ -254,7 +267,83 @@ def mqtt_day(heap, cycles=1440):
     return resets, len(acked), free
 
 
+def lora_day(heap, radio, hours=24):
+    """A LoRa node (link "lora", SF7, frames of 10) for `hours` of one-minute cycles in `heap`,
+    its radio either the API-level modem (radio None) or a board's real set-up with
+    micropython-lib's driver on the chip model ("sim": {"radio": radio}); one gateway node
+    with the API-level modem acks it (the node's heap is what is measured). Returns (resets,
+    readings stored, free heap in its status frames every 120 cycles)."""
+    cycles = int(hours * 60)
+    rows = weather.generate(1782864000, 60, cycles, seed=0)
+    key = bytes(range(16))
+    extra = {"link": "lora", "lora": {"sf": 7}, "status_every_s": 7200}
+    if radio:
+        extra["sim"] = {"radio": radio}
+    node = NodeSpec(16, key, rows, 60, 10, extra, (300.0, 0.0))
+    gw = NodeSpec(1000, b"", [], 60, 1, {"role": "gateway", "lora": {"sf": 7}}, (0.0, 0.0))
+    return _probed_run([node, gw], key, heap, timeout_s=900)
+
+
+def main_lora(radio):
+    """`--lora [BOARD]`: the LoRa node's heap, API-level modem or a board's real driver."""
+    what = "%s's radio set-up, micropython-lib's driver" % radio if radio else "API-level modem"
+    print("## LoRa node heap (%s): a simulated day, SF7, frames of 10\n" % what)
+    sizes = (112, 128, 136, 144, 152, 160) if radio else (80, 88, 96)
+    for kb in sizes:
+        resets, stored, free = lora_day("%dK" % kb, radio)
+        print(
+            "- %dK: resets %s, readings stored %d of 1440, free heap in the status frames (boot,"
+            " then every 120 cycles) %s" % (kb, resets, stored, free)
+        )
+
+
+def pm_day(heap, sensors, hours=24):
+    """`citynode demo --sensors ...` for one node in `heap`: (readings stored, PM readings
+    stored, resets, exit codes, free heap after the final collection)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "host_tools.cli", "demo", "--nodes", "1", "--hours"]
+            + [str(hours), "--sensors", sensors, "--json", "--heap", heap]
+            + ["--db", str(Path(tmp) / "d.db"), "--workdir", str(Path(tmp) / "w")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        log = (Path(tmp) / "w" / "node-1" / "console.log").read_text(errors="replace")
+    free = [int(w.split("=")[1]) for w in log.split() if w.startswith("free_heap=")]
+    s = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+    return (
+        s.get("readings_stored"),
+        s.get("pm_readings_stored"),
+        s.get("node_resets"),
+        s.get("node_exit_codes"),
+        free[-1] if free else None,
+    )
+
+
+def main_pm(sensors):
+    """`--sensors LIST`: the heap a node with these sensors needs for a simulated day."""
+    print("## Node heap with %s: a simulated day (demo --sensors %s)\n" % (sensors, sensors))
+    for kb in (64, 68, 72, 76, 78, 80, 84, 88, 96):
+        stored, pm_stored, resets, codes, free = pm_day("%dK" % kb, sensors)
+        if stored is None:
+            print("- %dK: no: the node resets in a loop (MemoryError), the demo gives up" % kb)
+            continue
+        print(
+            "- %dK: readings stored %s of 1440 (with PM %s), resets %s, exit codes %s, free heap "
+            "at the end %s" % (kb, stored, pm_stored, resets, codes, free)
+        )
+
+
 def main():
+    if "--sensors" in sys.argv:
+        main_pm(sys.argv[sys.argv.index("--sensors") + 1])
+        return
+    if "--lora" in sys.argv:
+        rest = sys.argv[sys.argv.index("--lora") + 1 :]
+        main_lora(rest[0] if rest else None)
+        return
     r = per_cycle(CYCLES)
     sends = CYCLES // 10
     print("## Node cycle (bench/node_cycle.py), %d cycles, heap %s\n" % (CYCLES, NODE_HEAP))

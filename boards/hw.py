@@ -38,7 +38,9 @@ _RTC_MAGIC = b"CNds"
 _RTC_HEADER = const(12)
 IDLE_MODES = ("light", "wait", "deep")
 
-_LORA_KEYS = ("freq_khz", "output_power", "sf")
+# the modem's (lora_cfg) and the link's (firmware/lora_link.py: the acks' channel, the
+# longest frame a backlog is packed into)
+_LORA_KEYS = ("ack_freq_khz", "freq_khz", "max_batch", "output_power", "sf")
 _WIFI_KEYS = ("country", "password", "ssid", "timeout_ms")
 
 
@@ -69,6 +71,9 @@ def lora_cfg(raw):
         cfg["output_power"] = _int(
             lora, "lora.output_power", "output_power", 14, _POWER_MIN_DBM, _POWER_MAX_DBM
         )
+        # checked here, used by the link
+        _int(lora, "lora.ack_freq_khz", "ack_freq_khz", 869525, _FREQ_MIN_KHZ, _FREQ_MAX_KHZ)
+        _int(lora, "lora.max_batch", "max_batch", 30, 1, 255)
     return cfg
 
 
@@ -102,8 +107,12 @@ class Clock:
     node reads the clock every cycle and its interval is at most a day."""
 
     def __init__(self):
+        # Counted from the port's own origin (the reset), not from 0: a time on this clock is
+        # then the same time.ticks_ms() value modulo 2**30, which is how micropython-lib's
+        # modem.send(tx_at_ms=) takes the gateway's ack times (ticks_diff with time.ticks_ms()).
+        # Deep sleep's set() breaks that, but a LoRa board never deep sleeps (config refuses).
         self._last = time.ticks_ms()
-        self._ms = 0
+        self._ms = int(self._last)  # type: ignore[call-overload]  # (the stubs: _TicksMs)
 
     def __call__(self):
         now = time.ticks_ms()
@@ -122,6 +131,13 @@ def _rtc_ms():
     return time.time_ns() // 1000000
 
 
+# Reset causes (machine.reset_cause()) through which an ESP32's RTC timer counts on: ESP-IDF
+# "System Time": the RTC timer persists "across any resets (with the exception of power-on
+# resets)"; a reset by the EN pin (HARD_RESET) is a chip power-up. machine.WDT_RESET,
+# DEEPSLEEP_RESET, SOFT_RESET on the esp32 port.
+ESP32_RTC_KEEPS = (3, 4, 5)
+
+
 class RealBoard:
     """Board API (README.md). Subclasses set the class attributes below; pins are GPIO numbers."""
 
@@ -132,6 +148,11 @@ class RealBoard:
     SENSORS = ("bme280",)
     BME280_ADDRESS = 0x76  # SDO to GND; 0x77 with SDO to VDDIO (config "bme280_address")
     DEEP_SLEEP = False  # machine.deepsleep with RTC memory kept (ESP32): config "idle": "deep"
+    # Reset causes through which the RTC (time.time_ns) counts on (firmware/clock.py links a boot
+    # that never learned the time to the next by it). None on the RP2040: MicroPython's
+    # ports/rp2/main.c starts its RTC at 2021-01-01 at every reset (a soft reset keeps it, but
+    # machine.reset_cause() then still names the last hardware reset: no board can tell).
+    RTC_KEEPS = ()  # type: tuple[int, ...]
     WIFI = False  # the MCU has Wi-Fi
     WIFI_REQUIRED = False  # Wi-Fi is this board's only uplink: config must have "wifi"
     I2C_ID = 0
@@ -150,6 +171,11 @@ class RealBoard:
     LORA_TCXO_MV = 0  # SX126x: TCXO supplied from DIO3 at this voltage; 0 = crystal
     # SX127x: "PA_BOOST" when only the PA_BOOST pin reaches the antenna
     LORA_TX_ANT = None  # type: str | None
+    # UART for a particulate sensor (SDS011, PMS5003: 9600 8N1), README.md "PM sensor UART";
+    # config "sensors": [{"type": "sds011", "uart": PM_UART_ID}]
+    PM_UART_ID = -1
+    PM_UART_TX = -1  # to the sensor's RX
+    PM_UART_RX = -1  # from the sensor's TX
 
     def __init__(self, raw):
         if not isinstance(raw, dict):
@@ -210,13 +236,15 @@ class RealBoard:
         """A short wait inside a task (a sensor's conversion time); the CPU stays up."""
         self._wait(ms, time.sleep_ms)
 
-    def idle_ms(self, ms):
+    def idle_ms(self, ms, early_ms=0):
         """Sleep until the next sample. With config "idle": "light" (default) the board uses
         machine.lightsleep, and first takes Wi-Fi down: the ESP32 stops its radio in light
         sleep, so the access point would drop the station after missed beacons anyway, and
         on the Pico W lightsleep was reported to misbehave with the CYW43 up (micropython
         issue 9006).
-        network_up() rejoins, at most once per batch. "wait" keeps Wi-Fi associated (ESP-IDF
+        network_up() rejoins, at most once per batch. early_ms: this sleep ends that long
+        before the next sample (a particulate sensor spins up; only the simulator uses it).
+        "wait" keeps Wi-Fi associated (ESP-IDF
         modem sleep) and waits with time.sleep_ms: for mains power or short intervals.
         Returns True (only a simulated world ends)."""
         if self._light:
@@ -255,6 +283,10 @@ class RealBoard:
         self._wifi_off()
         machine.deepsleep(ms)
 
+    def rtc_ms(self):
+        """ms on the RTC (it counts on through the resets in RTC_KEEPS)."""
+        return _rtc_ms()
+
     # --- watchdog and resets ---------------------------------------------------------------
 
     def wdt(self, timeout_ms):
@@ -282,6 +314,26 @@ class RealBoard:
         machine.reset()
 
     # --- buses and radio -------------------------------------------------------------------
+
+    def uart(self, uart_id):
+        """machine.UART uart_id at 9600 8N1 on the board's PM sensor pins, non-blocking reads
+        (timeout 0: readinto returns None when nothing waits)."""
+        if uart_id != self.PM_UART_ID:
+            raise ValueError(
+                "config: board %s has its PM sensor on UART %d, got %r"
+                % (self.NAME, self.PM_UART_ID, uart_id)
+            )
+        return machine.UART(
+            uart_id,
+            9600,
+            bits=8,
+            parity=None,
+            stop=1,
+            tx=machine.Pin(self.PM_UART_TX),
+            rx=machine.Pin(self.PM_UART_RX),
+            timeout=0,
+            rxbuf=256,
+        )
 
     def i2c(self):
         if self._i2c is None:
@@ -342,6 +394,10 @@ class RealBoard:
                     reset=Pin(self.LORA_RESET),
                     lora_cfg=cfg,
                 )
+            # The firmware reads the channel and SF the modem was set up with from modem.cfg
+            # (firmware/lora_link.py, gateway.py); micropython-lib's modem keeps no copy to read,
+            # so the board adds one (the driver's stubs rightly know no such attribute).
+            self._modem.cfg = self.lora_cfg  # type: ignore[union-attr]
         return self._modem
 
     # --- Wi-Fi -----------------------------------------------------------------------------

@@ -1,24 +1,32 @@
 # Time without a wall clock: readings are stamped (boot, ms since boot); acks tell each boot's
 # offset to UTC. A frame's ages come from these, so readings taken before any ack, or during
 # an earlier boot that got an ack, are placed correctly at the host (SPEC.md "Timing").
+#
+# A boot that never learned the time (the host was down, then the node was reset: a crash, the
+# watchdog, a technician's `mpremote ... + reset`) is linked to the next boot by the board's RTC
+# where it keeps counting through that reset (boards/README.md `rtc_ms`, `RTC_KEEPS`: the
+# ESP32's RTC timer does through every reset but power-on; the RP2040's restarts at every
+# reset). Each boot records the RTC time at which its ms clock read 0 and an RTC epoch, which
+# changes whenever the RTC may have restarted; two boots of one epoch are a known distance apart,
+# so one's readings are placed from the other's clock. Across a power cut nothing links them.
+#
+# clock.dat: a line a boot, "<boot> <offset ms or -> <rtc at boot ms or -> <epoch or ->"; the
+# first format's "<boot> <offset>" lines are still read. Reading it and placing a new boot on the
+# RTC is boot-time code: firmware/wiring.py open_clock(), unloaded after boot.
 
-_KEEP = 8  # boots whose offsets are remembered (older journal records are unplaceable)
+_KEEP = 8  # boots remembered (older journal records are unplaceable)
 _STEP_MS = 2000  # a re-sync that moves the offset by more than this is logged and persisted
 
 
 class Clock:
-    def __init__(self, boot, path="clock.dat"):
+    """Built at boot by firmware/wiring.py open_clock() (which reads clock.dat and places the
+    boot on the RTC)."""
+
+    def __init__(self, boot, path, offsets, rtc):
         self.boot = boot
         self._path = path
-        self._offsets = {}  # boot -> UTC ms minus ms since that boot
-        try:
-            with open(path) as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) == 2 and parts[0].isdigit() and parts[1].lstrip("-").isdigit():
-                        self._offsets[int(parts[0])] = int(parts[1])
-        except OSError:
-            pass  # no file yet: no boot has had an ack
+        self._offsets = offsets  # boot -> UTC ms minus ms since that boot
+        self._rtc = rtc  # boot -> (RTC ms when that boot's clock read 0, RTC epoch)
 
     def offset(self, boot=None):
         return self._offsets.get(self.boot if boot is None else boot)
@@ -36,22 +44,38 @@ class Clock:
 
     def age_ms(self, boot, ms, now_ms):
         """How long ago (ms) a reading stamped (boot, ms) was sampled, or None if that cannot
-        be known (an earlier boot that never learned the time, or this boot not yet)."""
+        be known: an earlier boot that neither shares an RTC epoch with this boot nor learned
+        the time (with this boot)."""
         if boot == self.boot:
             return now_ms - ms
+        # The RTC first: to the ms, where the offsets learned from acks are to the second each
+        then = self._rtc.get(boot)
+        now = self._rtc.get(self.boot)
+        if then is not None and now is not None and then[1] == now[1]:
+            return (now[0] + now_ms) - (then[0] + ms)
         then = self._offsets.get(boot)
         now = self._offsets.get(self.boot)
-        if then is None or now is None:
-            return None
-        return (now + now_ms) - (then + ms)
+        if then is not None and now is not None:
+            return (now + now_ms) - (then + ms)
+        return None
 
     def _save(self):
-        keep = sorted(self._offsets)[-_KEEP:]
-        self._offsets = {b: self._offsets[b] for b in keep}
+        keep = sorted(set(self._offsets) | set(self._rtc))[-_KEEP:]
+        self._offsets = {b: self._offsets[b] for b in keep if b in self._offsets}
+        self._rtc = {b: self._rtc[b] for b in keep if b in self._rtc}
         tmp = self._path + ".tmp"
         with open(tmp, "w") as f:
             for b in keep:
-                f.write("%d %d\n" % (b, self._offsets[b]))
+                offset = self._offsets.get(b)
+                rtc = self._rtc.get(b)
+                f.write(
+                    "%d %s %s\n"
+                    % (
+                        b,
+                        "-" if offset is None else "%d" % offset,
+                        "- -" if rtc is None else "%d %d" % rtc,
+                    )
+                )
         import os
 
         os.rename(tmp, self._path)

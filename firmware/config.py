@@ -30,12 +30,15 @@ class Config:
     batch = 10
     journal_capacity = 10080
     ack_timeout_ms = 2000
-    status_every = 60
+    status_every_s = 172800
     wdt_ms = 30000
     uplink = None  # type: object  # (host, port) of the host or broker; None on LoRa; "serial"
     link = "udp"  # "udp", "lora" or "mqtt"
     lora = {}  # type: dict
     airtime_budget_ms = None
+    # config "sensors" when a node has more than the BME280 (firmware/sensors.py); () is the
+    # BME280 alone, as before the key existed
+    sensors = ()  # type: tuple
 
 
 def parse(raw):
@@ -61,12 +64,18 @@ def parse(raw):
         c.airtime_budget_ms = _int(raw, "airtime_budget_ms", None, 1, 86400000)
     c.board = _str(raw, "board", None)
     c.interval_s = _int(raw, "interval_s", 60, 1, 86400)
+    if "sensors" in raw and c.role == "node":  # checked by firmware/sensor_config.py
+        from firmware import sensor_config, unload
+
+        c.sensors = sensor_config.parse(raw)
+        unload("sensor_config")
     c.batch = _int(raw, "batch", 10, 1, 64)
     c.journal_capacity = _int(raw, "journal_capacity", 10080, 16, 1000000)
     # LoRa: the gateway answers 2 s after the uplink ends (GATEWAY.md), then the ack's airtime
     ack_default = 6000 if c.link == "lora" else 2000
     c.ack_timeout_ms = _int(raw, "ack_timeout_ms", ack_default, 10, 60000)
-    c.status_every = _int(raw, "status_every", 60, 0, 100000)  # cycles; 0 = at boot only
+    # STATUS frames: at boot, then every status_every_s of the node's clock; 0 = at boot only
+    c.status_every_s = _int(raw, "status_every_s", 172800, 0, 31 * 86400)
     c.wdt_ms = _int(raw, "wdt_ms", 30000, 1000, 600000)
     if c.link == "lora" and c.role == "node":
         c.uplink = None

@@ -24,8 +24,8 @@ _HEAD_LEN = 10
 
 
 def state(node):
-    """What the node keeps through a deep sleep, as bytes (boot.prepare reads the boot count,
-    start.py the sequence state, restore() the rest)."""
+    """What the node keeps through a deep sleep, as bytes (bringup.prepare reads the boot count,
+    wiring.py the sequence state, restore() the rest)."""
     vals = [node.boot[0]] + list(node.seq.state())
     vals += [node.cycles, node.awake_ms_total, node._misses, node._backoff, node._status_due]
     vals += [node.stats[k] for k in _KEPT]
@@ -33,9 +33,9 @@ def state(node):
 
 
 def restore(node, wake):
-    """The node's counters from a kept state (after the head boot.py and start.py read)."""
+    """The node's counters from a kept state (after the head bringup.py and wiring.py read)."""
     vals = struct.unpack_from("<%dI" % ((len(wake) - _HEAD_LEN) // 4), wake, _HEAD_LEN)
     node.cycles, node.awake_ms_total, node._misses, node._backoff = vals[:4]
-    node._status_due = bool(vals[4])
+    node._status_due = vals[4]
     for i in range(min(len(_KEPT), len(vals) - 5)):
         node.stats[_KEPT[i]] = vals[5 + i]

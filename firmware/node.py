@@ -19,10 +19,11 @@ _major, _minor, _patch = FW_VERSION.split(".")
 # major * 10000 + minor * 100 + patch (SPEC.md, status field 7)
 FW_VERSION_INT = int(_major) * 10000 + int(_minor) * 100 + int(_patch)
 _MAX_AGE_MS = const(0x7FFFFFFF)
+_HOUR_MS = const(3600000)
 
 
 class Node:
-    ROLE = "node"  # the log's subsystem for what main.py reports
+    ROLE = "node"  # the log's subsystem for what app.py reports
 
     def __init__(self, cfg, board, log, sequence, journal, link, clock, boot, wake=None, buf=None):
         self.cfg = cfg
@@ -36,7 +37,7 @@ class Node:
         # must stay few (a 17th makes the instance's table grow into a 368-byte block)
         self.boot = (boot[0], boot[1], wake is not None)
         self.signer = frame.Signer(cfg.key)
-        # Frames are built in one buffer, allocated once (start.py allocates it early in boot,
+        # Frames are built in one buffer, allocated once (wiring.py allocates it early in boot,
         # while the heap still has holes that large).
         if buf is None or len(buf) < frame.STATUS_BUF:
             buf = bytearray(frame.STATUS_BUF)
@@ -57,7 +58,10 @@ class Node:
             "bytes_sent": 0,
             "status_sent": 0,
         }
-        self._status_due = True  # at boot, then every status_every cycles until one is sent
+        # STATUS frames: 1 = due now (at boot, then every status_every_s), 2 = due at the next
+        # full hour of the node's clock (a sensor faulted or readings were dropped since the
+        # last one: a maintainer hears of it within the hour), 0 = not due
+        self._status_due = 1
         if wake is not None:  # a deep-sleep wake: the same boot, one more cycle
             from firmware import deep
 
@@ -87,6 +91,8 @@ class Node:
             self.stats["sensor_faults"] += 1
             self.log.error("sensor", str(e))
             self.sensor = None  # re-probe next cycle: the chip may have been reset or re-seated
+            return False
+        if values is None:  # sensors.py: no sensor gave anything (each fault counted there)
             return False
         dropped = self.journal.dropped
         try:
@@ -135,7 +141,7 @@ class Node:
                 return False
             self.link.prepare()  # e.g. LoRa's random delay: before the ages are taken
             records = self.journal.peek(batch)
-            readings, ages, skip = self._place(records)
+            readings, ages, skip, channels = self._place(records)
             if skip:  # earlier boots that never learned the time: cannot be placed
                 self.journal.ack(skip)
                 self.stats["unplaceable"] += skip
@@ -152,7 +158,7 @@ class Node:
                 self.signer,
                 self.cfg.node_id,
                 first,
-                frame.BME280_CHANNELS,
+                channels,
                 readings,
                 ages,
                 self._frame_buf,
@@ -165,7 +171,7 @@ class Node:
 
     def _place(self, records):
         """Readings and ages (s, non-increasing) for the oldest records; or how many leading
-        records are unplaceable; or nothing if the time is not known yet."""
+        records are unplaceable; or nothing if the time is not known yet. And their channels."""
         now = self.board.ticks_ms()
         readings = []
         ages = []
@@ -177,13 +183,15 @@ class Node:
                 if i:
                     break  # send what is placeable; the rest waits
                 if self.clock.offset() is None:
-                    return readings, ages, 0
-                return readings, ages, self._count_unplaceable(records)
+                    return readings, ages, 0, None
+                return readings, ages, self._count_unplaceable(records), None
             age = min(max(0, age), last)  # clock offsets are +-1 s: keep the order
             last = age
             readings.append(values)
             ages.append((age + 500) // 1000)
-        return readings, ages, 0
+        if self.cfg.sensors:  # a failed sensor's values are absent: a frame per channel set
+            return self.sensor.frame(readings, ages)
+        return readings, ages, 0, frame.BME280_CHANNELS
 
     def _count_unplaceable(self, records):
         n = 0
@@ -192,6 +200,11 @@ class Node:
                 break
             n += 1
         return n
+
+    def _troubles(self):
+        """What a STATUS frame tells a maintainer had better be told soon: sensor faults and
+        readings dropped (journal full, or from a boot without time)."""
+        return self.stats["sensor_faults"] + self.journal.dropped + self.stats["unplaceable"]
 
     def send_status(self):
         fields = {
@@ -206,6 +219,8 @@ class Node:
             9: self.board.ticks_ms() // 1000,
         }
         seq = self.seq.take()  # v2: status frames alone take seqs (a reading has its index)
+        if self.cfg.sensors:  # faults per sensor (firmware/sensors.py, SPEC.md fields 10-13)
+            self.sensor.update(fields)
         data = frame.encode_status(self.signer, self.cfg.node_id, seq, fields, self._frame_buf)
         return self._transmit(data, seq, 0)
 
@@ -300,22 +315,33 @@ class Node:
                 wdt.feed()
             gc.collect()  # while the heap is quiet: keeps it from fragmenting between cycles
             start = self.board.ticks_ms()
+            troubles = self._troubles()
             self.sample()
             self.send_pending()
-            if self._status_due and not self._backoff and self.send_status():
-                self._status_due = False
+            if self._status_due == 1 and not self._backoff and self.send_status():
+                self._status_due = 0
             if self._backoff:
                 self._backoff -= 1
             self.cycles += 1
-            if self.cfg.status_every and self.cycles % self.cfg.status_every == 0:
-                self._status_due = True
+            if not self._status_due and self._troubles() != troubles:
+                self._status_due = 2
+            # Due again once the node's clock passes a multiple of status_every_s (README "What a
+            # node does"): by time, so a node sampling every 10 min sends no more of them.
+            end = start + interval_ms
+            every = self.cfg.status_every_s * 1000
+            if every and end // every != start // every:
+                self._status_due = 1
+            elif self._status_due == 2 and end // _HOUR_MS != start // _HOUR_MS:
+                self._status_due = 1
             awake = self.board.ticks_ms() - start
             self.awake_ms_total += awake
-            if deep:  # never returns: the board wakes through a reset, main.py runs again
+            if deep:  # never returns: the board wakes through a reset, app.py runs again
                 from firmware import deep as sleeper
 
                 self.board.deepsleep(max(0, interval_ms - awake), sleeper.state(self))
-            if not self.board.idle_ms(max(0, interval_ms - awake)):
+            wait = max(0, interval_ms - awake)
+            # (sensors.py wakes a particulate sensor early enough to spin up)
+            if not (self.sensor if self.cfg.sensors else self.board).idle_ms(wait):
                 break  # only a simulated world ends
         from firmware import ending  # only a simulated world ends: its code loads then
 

@@ -137,14 +137,15 @@ def tools():
 
 @pytest.fixture
 def sim(tools, tmp_path):
-    """sim(image=None) starts a simulated board (citynode sim-board); all are stopped at the
+    """sim(image=None, board=None) starts a simulated board (citynode sim-board [--board NAME]);
+    all are stopped at the
     end of the test."""
     from host_tools.sim.simboard import SimBoardProcess
 
     boards = []
 
-    def start(image=None):
-        board = SimBoardProcess(image or tmp_path / "board.img")
+    def start(image=None, board=None):  # board: what it simulates (sim-board --board)
+        board = SimBoardProcess(image or tmp_path / "board.img", board=board)
         boards.append(board)
         return board
 

@@ -390,7 +390,14 @@ BAD_CONFIGS = [
     (
         "heltec_v3",
         {"lora": {"SF": 9}},
-        "config: lora: unknown key 'SF' (known: freq_khz, output_power, sf)",
+        "config: lora: unknown key 'SF' (known: ack_freq_khz, freq_khz, max_batch, "
+        "output_power, sf)",
+    ),
+    ("heltec_v3", {"lora": {"max_batch": 0}}, "config: lora.max_batch must be 1..255, got 0"),
+    (
+        "heltec_v3",
+        {"lora": {"ack_freq_khz": 915000}},
+        "config: lora.ack_freq_khz must be 863063..869937",
     ),
     ("heltec_v3", {"lora": [7]}, "config: lora must be an object, got [7]"),
     (
@@ -418,7 +425,7 @@ except Exception as e:
 """
         % (name, cfg),
     )
-    assert res["type"] == "ValueError"  # firmware/main.py logs ValueError and retries
+    assert res["type"] == "ValueError"  # firmware/bringup.py logs ValueError and retries
     assert res["err"].startswith(message), res["err"]
 
 
@@ -653,7 +660,12 @@ seen.append(b.ticks_ms())
 out(seen=seen)
 """,
     )
-    assert res["seen"] == [0, 1000, 2000, 3000, 4000, 5000, 6000 + 5 * 86400 * 1000]
+    # counted on from the port's ticks at boot, so that every value is the port's
+    # time.ticks_ms() modulo 2**30 (what the LoRa driver's tx_at_ms is compared with)
+    base = (1 << 30) - 1500
+    ticks = [base + i * 1000 for i in range(6)] + [base + 6000 + 5 * 86400 * 1000]
+    assert res["seen"] == ticks
+    assert [t % (1 << 30) for t in res["seen"]][1:3] == [(1 << 30) - 500, 500]
 
 
 def test_wait_readable_polls_a_real_udp_socket(run_mp):

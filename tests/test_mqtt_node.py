@@ -300,7 +300,7 @@ def _heap_kb(heap, more=0):
 
 def test_a_simulated_day_in_the_mqtt_node_heap_without_growth(tmp_path, broker):
     rows = generated(1440)
-    spec = NodeSpec(26, KEY, rows, 60, 10, {"status_every": 120})
+    spec = NodeSpec(26, KEY, rows, 60, 10, {"status_every_s": 7200})
     heap = _heap_kb(MQTT_NODE_MIN_HEAP, 2)
     results, host = run(tmp_path, broker.port, [spec], heap=heap)
     r = results[0]
@@ -384,7 +384,7 @@ def test_a_bad_mqtt_uplink_is_one_log_line_and_the_node_waits(tmp_path, board_bu
             "-X",
             "heapsize=" + NODE_HEAP,
             "-c",
-            "from firmware import main; main.run()",
+            "from firmware import app; app.run()",
         ],
         cwd=home,
         env=env,

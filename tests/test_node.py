@@ -215,7 +215,7 @@ def boot_alone(tmp_path, board_build, config_text):
             "-X",
             "heapsize=" + NODE_HEAP,
             "-c",
-            "from firmware import main; main.run()",
+            "from firmware import app; app.run()",
         ],
         cwd=home,
         env=env,
@@ -373,14 +373,33 @@ def test_ack_of_another_frame_is_refused_and_sets_no_clock(tmp_path):
     assert_rows_stored(rows, stored)
 
 
-def test_readings_from_a_boot_that_never_learned_the_time_are_dropped_and_counted(tmp_path):
+def test_a_boot_that_never_learned_the_time_is_placed_over_the_rtc_after_a_reset(tmp_path):
+    """The host is down until after a crash (or a watchdog reset, or a technician's `mpremote
+    ... + reset` after the node stopped at the REPL): the first boot never learns the time, but
+    the RTC counted on through the reset, so the next boot places its readings exactly."""
     rows = generated(30)
     faults = {"sim": {"faults": {"crash_at_s": 420}}}
-    # The host is down until after the crash: the first boot never learns the time.
     results, stored, _ = run_fleet(
         tmp_path, [NodeSpec(15, KEY, rows, 60, 10, faults)], wrap=lambda r: DropFirst(r, 7)
     )
     log = console(results[0])
+    assert results[0]["resets"] == 1
+    assert "without time dropped" not in log
+    assert results[0]["stats"]["unplaceable"] == 0
+    assert_rows_stored(rows, stored, except_near={rows[7][0]})
+
+
+def test_readings_from_a_boot_that_never_learned_the_time_are_dropped_after_a_power_cut(
+    tmp_path,
+):
+    """The same, but the power was cut: the RTC restarted, nothing links the two boots."""
+    rows = generated(30)
+    faults = {"sim": {"faults": {"power_cut_at_s": 420}}}
+    results, stored, _ = run_fleet(
+        tmp_path, [NodeSpec(15, KEY, rows, 60, 10, faults)], wrap=lambda r: DropFirst(r, 7)
+    )
+    log = console(results[0])
+    assert results[0]["power_cuts"] == 1
     assert "clock readings from a boot without time dropped count=7" in log
     assert results[0]["stats"]["unplaceable"] == 7
     assert len(stored_times(stored)) == len(rows) - 7
@@ -390,7 +409,7 @@ def test_readings_dropped_over_several_batches_are_one_log_line(tmp_path):
     # 30 readings of a boot that never learned the time, three frames' worth: one line, not
     # one a batch (a long outage's backlog made 91 identical lines).
     rows = generated(60)
-    faults = {"sim": {"faults": {"crash_at_s": 1800}}}
+    faults = {"sim": {"faults": {"power_cut_at_s": 1800}}}
     results, stored, _ = run_fleet(
         tmp_path, [NodeSpec(17, KEY, rows, 60, 10, faults)], wrap=lambda r: DropFirst(r, 7)
     )
@@ -424,7 +443,7 @@ def _with_margin(heap, kb=2):
 
 def test_ten_thousand_cycles_in_the_smallest_node_heap_without_growth(tmp_path):
     rows = generated(10000)
-    spec = NodeSpec(16, KEY, rows, 60, 10, {"status_every": 1000})
+    spec = NodeSpec(16, KEY, rows, 60, 10, {"status_every_s": 60000})
     probe = {}
 
     def wrap(r):
@@ -444,10 +463,10 @@ def test_ten_thousand_cycles_in_the_smallest_node_heap_without_growth(tmp_path):
 
 def test_deep_sleep_wakes_each_cycle_as_the_same_boot_and_loses_nothing(tmp_path):
     # config "idle": "deep": after every cycle the board deep sleeps (the process exits) and
-    # main.py runs again at the next sample. A wake is not a boot: the boot count stays, the
+    # app.py runs again at the next sample. A wake is not a boot: the boot count stays, the
     # clock counts on, the sequence numbers and counters come back from RTC memory.
     rows = generated(180)
-    spec = NodeSpec(18, KEY, rows, 60, 10, {"idle": "deep", "status_every": 60})
+    spec = NodeSpec(18, KEY, rows, 60, 10, {"idle": "deep", "status_every_s": 3600})
     probe = {}
 
     def wrap(r):
@@ -495,3 +514,23 @@ def test_a_heap_too_small_to_build_the_node_resets_it_with_a_log_line(tmp_path):
     assert len(cannot) == 21 and all("memory allocation failed" in ln for ln in cannot)
     assert "exc=MemoryError" in log and "flash state unusable" not in log
     assert "node log saved before the previous reset follows" in log
+
+
+def test_status_frames_at_boot_then_by_time_and_within_the_hour_of_a_new_fault(tmp_path):
+    """A healthy node sends one STATUS frame at boot and then one every status_every_s (two
+    days by default): nothing more in three hours. A node whose sensor fails tells it within
+    the hour, and again each hour while new faults come, not only two days later."""
+    healthy = NodeSpec(21, KEY, generated(180), 60, 10)
+    broken = NodeSpec(22, KEY, generated(180), 60, 10, extra_config={"sim": {"bme280": False}})
+    probe = {}
+
+    def wrap(r):
+        probe["p"] = StatusHeap(r)
+        return probe["p"]
+
+    results, _, _ = run_fleet(tmp_path, [healthy, broken], wrap=wrap)
+    sent = {r["node_id"]: r["stats"]["status_sent"] for r in results}
+    assert sent[21] == 1
+    assert 3 <= sent[22] <= 4, sent  # at boot, then at the next full hours of its clock
+    faults = sorted(f[8] for f in probe["p"].fields if f[8])
+    assert faults == sorted(set(faults)) and faults[-1] >= 120, faults  # told as they grew

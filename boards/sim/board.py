@@ -15,6 +15,7 @@ _CONTROL_TIMEOUT_S = 120  # no word from the simulator for this long: it is gone
 _RESET_FILE = "sim_reset_cause"  # what the hardware would latch for machine.reset_cause()
 PWRON_RESET = 1  # machine.reset_cause() values, as on the ESP32 port
 WDT_RESET = 3
+DEEPSLEEP_RESET = 4
 SOFT_RESET = 5
 RESET_EXIT = 3  # process exit status meaning "reset me" to the simulator
 
@@ -34,6 +35,10 @@ class Board:
     def __init__(self, raw):
         sim = raw.get("sim") or {}
         self._lora = raw.get("lora") or {}
+        # "sim": {"radio": "heltec_v3"}: that board's real radio set-up and micropython-lib's
+        # driver on a register-level chip (boards/sim/spi.py); else the API-level modem (radio.py)
+        self._radio_board = sim.get("radio")
+        self.radio_bus = None  # boards/sim/spi.py's Bridge, once the real driver is built
         self.bme280 = None
         self._i2c = None
         self._wdt_ms = 0
@@ -74,6 +79,10 @@ class Board:
                 self.bme280 = SimBME280(chip_id=sim.get("chip_id", 0x60))
                 devices[sim.get("bme280_address", self.BME280_ADDRESS)] = self.bme280
             self._i2c = SimI2C(devices)
+        if raw.get("sensors"):  # a PM sensor: uart(), idle_ms(ms, early_ms): sim/uart_bridge.py
+            from boards.sim.uart_bridge import fit
+
+            fit(self, raw)
 
     # --- clock ---------------------------------------------------------------------------
 
@@ -87,11 +96,14 @@ class Board:
         W <ms since boot> (time now) or E (the simulated world has ended) for time requests,
         P <ms> <rssi> <snr x4> <hex> for a frame the radio heard, D <hex> / A / N for bus
         transactions. Parsed in place: no strings to split."""
+        bus = self.radio_bus
+        if bus is not None and request[0] != 88:  # pins set before a wait take effect first
+            bus.flush()
         self._control.sendto(request, self._control_addr)
         try:
             # recv, not readinto: a stream read on a datagram socket waits to fill the buffer.
             # A heard LoRa frame ("RX" asked) is up to 255 bytes in hex; other replies are short.
-            size = 600 if request[:2] == b"RX" else 96
+            size = 600 if request[:2] == b"RX" else 1100 if request[0] == 88 else 96
             rx = self._rx = self._control.recv(size)
         except OSError:
             raise SimulationEnded("sim: no reply from the simulator to %r" % request)
@@ -107,11 +119,31 @@ class Board:
             if request[0] == 67:  # "C": lightsleep keeps the watchdog fed (boards/hw.py)
                 self._fed_ms = ms
             self._check_wdt()
+        if bus is not None:
+            bus.lines(rx, n)  # what the radio chip drives (BUSY, DIO): an edge runs its IRQ
         return n
 
     def _wait(self, request):
         self._ask(request)
         return self._rx[0] != 69  # "E"
+
+    # --- the RTC --------------------------------------------------------------------------
+
+    # Reset causes through which the RTC counts on: every one but power-on, as an ESP32's
+    # (boards/hw.py). A power cut (boards/sim/faults.py) restarts it.
+    RTC_KEEPS = (WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET)
+
+    def rtc_ms(self):
+        """ms on the board's RTC: in lockstep the simulator's, which counts from the node's
+        last power-on ("RTC" asked, "T <ms>" answered); in real time the host's clock."""
+        if self._control is None:
+            return time.time_ns() // 1000000
+        self._control.sendto(b"RTC", self._control_addr)
+        try:
+            rx = self._control.recv(32)
+        except OSError:
+            raise SimulationEnded("sim: no reply from the simulator to 'RTC'")
+        return int(rx[2:])
 
     # --- reset and watchdog ----------------------------------------------------------------
 
@@ -170,6 +202,10 @@ class Board:
         {"freq_khz", "sf", "output_power"}); only in lockstep with the fleet simulator."""
         if self._control is None:
             raise ValueError("config: the sim board's radio needs the fleet simulator (sim.clock)")
+        if self._radio_board:
+            from boards.sim.spi import real_radio
+
+            return real_radio(self, self._radio_board, self._lora)
         from boards.sim.radio import modem
 
         return modem(self, self._lora)

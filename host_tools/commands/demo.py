@@ -8,6 +8,9 @@ import re
 
 from host_tools.commands import CliError
 
+# the boards whose radio the simulator has as a chip (boards/sim/lora_hw.py PCB)
+LORA_BOARDS = ("heltec_v3", "lilygo_t3_v161", "pico_lora_sx1262")
+
 # Every node is a MicroPython process answered in lockstep by one simulator thread: 128 nodes
 # run, at 200 the simulator falls so far behind that nodes give up waiting for its replies
 # (boards/sim/board.py) and the run fails after 10 minutes (2 CPUs). 100 leaves room for a slower
@@ -128,6 +131,12 @@ def add_arguments(p):
         "--gateways", type=_whole(1, 16), default=1, metavar="N", help="LoRa gateways (1)"
     )
     p.add_argument(
+        "--board",
+        choices=LORA_BOARDS,
+        help="LoRa: every node and gateway runs this board's radio set-up (boards/hw.py) with "
+        "micropython-lib's driver on a register-level chip; default: the faster API-level modem",
+    )
+    p.add_argument(
         "--airtime-budget",
         type=_airtime_budget,
         metavar="S",
@@ -145,6 +154,29 @@ def add_arguments(p):
         help="how nodes sleep between samples: light (default) or deep (ESP32; one run a wake)",
     )
     p.add_argument("--workdir", metavar="DIR", help="keep node filesystems and console logs here")
+    p.add_argument(
+        "--sensors",
+        type=_sensors,
+        default=("bme280",),
+        metavar="LIST",
+        help="sensors each node has: bme280 and at most one of sds011, pms5003, sps30 "
+        "(bme280; e.g. bme280,sds011: PM2.5 and PM10 from a trace made from the weather)",
+    )
+
+
+def _sensors(text):
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    known = ("bme280", "sds011", "pms5003", "sps30")
+    for n in names:
+        if n not in known:
+            raise argparse.ArgumentTypeError(
+                "unknown sensor %r (known: %s)" % (n, ", ".join(known))
+            )
+    if not names or len(set(names)) != len(names) or len([n for n in names if n != "bme280"]) > 1:
+        raise argparse.ArgumentTypeError(
+            "must list bme280 and/or one particulate sensor once each, got %r" % text
+        )
+    return names
 
 
 def run(args):
@@ -152,6 +184,6 @@ def run(args):
     from host_tools.sim.fleet import FleetError
 
     try:
-        return demo.main(args)
+        return demo.main(demo.DemoOptions.from_namespace(args))
     except (demo.DemoError, FleetError) as e:
         raise CliError(str(e)) from None

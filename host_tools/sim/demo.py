@@ -13,15 +13,25 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from host_tools.receive.receiver import Receiver, Verifier
 from host_tools.receive.sinks import SqliteSink
-from host_tools.sim import weather
-from host_tools.sim.fleet import LORA_NODE_HEAP, NODE_HEAP, Fleet, NodeSpec
+from host_tools.sim import pm, weather
+from host_tools.sim.fleet import (
+    LORA_DRIVER_HEAP,
+    LORA_NODE_HEAP,
+    NODE_HEAP,
+    PM_NODE_HEAP,
+    Fleet,
+    NodeSpec,
+)
 
 KOPER_START = 1782864000  # 2026-07-01T00:00:00Z: a summer day on the coast
 QUANTITIES = ("temperature_c", "humidity_pct", "pressure_hpa")
+PM_QUANTITIES = ("pm2_5_ugm3", "pm10_ugm3")
+PM_SENSORS = ("sds011", "pms5003", "sps30")
 TS_TOLERANCE_S = 2.0  # a stored reading is "this row" if its timestamp is within this
 # Every node's rows are in memory (about 170 bytes a reading) before the run, and the simulator
 # runs about 1 000 readings a wall second: 2 million is some 350 MB and half an hour.
@@ -33,68 +43,108 @@ class DemoError(Exception):
     pass
 
 
-def world_rows(args, node_index):
+@dataclass
+class DemoOptions:
+    """What a demo run is asked for: `citynode demo`'s options (host_tools/commands/demo.py
+    parses and range-checks each; check_args() checks them together)."""
+
+    nodes: int = 3
+    hours: float = 24.0
+    interval: int = 60  # s between samples (a --trace brings its own)
+    batch: int = 10  # readings per frame
+    seed: int = 0
+    trace: str | None = None  # a sensor trace (CSV) to replay instead of generated weather
+    link: str = "udp"  # "udp" (Wi-Fi) or "lora" (through simulated gateway nodes)
+    sf: int = 7
+    gateways: int = 1
+    board: str | None = None  # LoRa: this board's real radio set-up and driver, not the API modem
+    airtime_budget: float | None = None  # LoRa: s per node per day
+    idle: str = "light"
+    sensors: tuple = ("bme280",)
+    heap: str | None = None  # each node's MicroPython heap; None: what the run needs
+    db: str = "./citynode.db"
+    workdir: str | None = None  # keep node filesystems and console logs here
+    json: bool = False
+
+    @classmethod
+    def from_namespace(cls, ns):
+        """From argparse's namespace: every field it has (what it lacks keeps its default)."""
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+    @property
+    def lora(self):
+        return self.link == "lora"
+
+    @property
+    def pm(self):
+        return any(n in PM_SENSORS for n in self.sensors)
+
+
+def world_rows(opts, node_index):
     """The conditions each node senses: a slice of a real trace, or generated Koper weather."""
-    span_s = int(args.hours * 3600)
-    if args.trace:
+    span_s = int(opts.hours * 3600)
+    if opts.trace:
         try:
-            rows = weather.read_trace(args.trace)
+            rows = weather.read_trace(opts.trace)
         except OSError as e:
-            raise DemoError("cannot read trace %s: %s" % (args.trace, e.strerror)) from None
+            raise DemoError("cannot read trace %s: %s" % (opts.trace, e.strerror)) from None
         if not rows:
-            raise DemoError("trace %s has no rows" % args.trace)
+            raise DemoError("trace %s has no rows" % opts.trace)
         end = rows[0][0] + span_s
         return [r for r in rows if r[0] < end]
-    count = max(1, span_s // args.interval)
-    return weather.generate(KOPER_START, args.interval, count, seed=args.seed * 1000 + node_index)
+    count = max(1, span_s // opts.interval)
+    return weather.generate(KOPER_START, opts.interval, count, seed=opts.seed * 1000 + node_index)
 
 
-def check_args(args):
+def check_args(opts):
     """What the options say together, and the files they name: DemoError with one line
     before anything runs (each option's own range is checked by its parser)."""
-    if args.nodes < 1:
-        raise DemoError("--nodes: must be at least 1, got %d" % args.nodes)
-    if args.batch < 1 or args.batch > 64:
-        raise DemoError("--batch: must be 1..64, got %d" % args.batch)
-    lora = getattr(args, "link", "udp") == "lora"
-    if lora and not 1 <= args.gateways <= 16:
-        raise DemoError("--gateways: must be 1..16, got %d" % args.gateways)
-    if lora and getattr(args, "idle", "light") == "deep":
+    if opts.nodes < 1:
+        raise DemoError("--nodes: must be at least 1, got %d" % opts.nodes)
+    if opts.batch < 1 or opts.batch > 64:
+        raise DemoError("--batch: must be 1..64, got %d" % opts.batch)
+    lora = opts.lora
+    if lora and not 1 <= opts.gateways <= 16:
+        raise DemoError("--gateways: must be 1..16, got %d" % opts.gateways)
+    board = opts.board
+    if board and not lora:
+        raise DemoError("--board %s: a board's LoRa radio needs --link lora" % board)
+    if lora and opts.idle == "deep":
         raise DemoError(
             "--idle deep is for Wi-Fi nodes (a LoRa node's airtime account would not survive it)"
         )
-    budget = getattr(args, "airtime_budget", None)
+    budget = opts.airtime_budget
     if budget is not None and not 0.001 <= budget <= 86400:  # the node's config: 1..86400000 ms
         raise DemoError("--airtime-budget: must be 0.001..86400 s a day, got %g" % budget)
-    if not args.hours > 0 or not math.isfinite(args.hours):
-        raise DemoError("--hours: must be more than 0, got %s" % args.hours)
-    if not args.trace and args.interval < 1:
-        raise DemoError("--interval: must be at least 1 s, got %d" % args.interval)
-    per_node = _trace_rows(args) if args.trace else max(1, int(args.hours * 3600) // args.interval)
-    if per_node * args.nodes > MAX_READINGS:
+    if not opts.hours > 0 or not math.isfinite(opts.hours):
+        raise DemoError("--hours: must be more than 0, got %s" % opts.hours)
+    if not opts.trace and opts.interval < 1:
+        raise DemoError("--interval: must be at least 1 s, got %d" % opts.interval)
+    per_node = _trace_rows(opts) if opts.trace else max(1, int(opts.hours * 3600) // opts.interval)
+    if per_node * opts.nodes > MAX_READINGS:
         raise DemoError(
             "%d nodes x %d readings each is %d; the demo simulates at most %d readings "
             "(fewer --nodes or --hours%s)"
             % (
-                args.nodes,
+                opts.nodes,
                 per_node,
-                per_node * args.nodes,
+                per_node * opts.nodes,
                 MAX_READINGS,
-                "" if args.trace else ", or a longer --interval",
+                "" if opts.trace else ", or a longer --interval",
             )
         )
-    _check_output("--db", Path(args.db), directory=False)
-    if getattr(args, "workdir", None):
-        _check_output("--workdir", Path(args.workdir), directory=True)
+    _check_output("--db", Path(opts.db), directory=False)
+    if opts.workdir:
+        _check_output("--workdir", Path(opts.workdir), directory=True)
 
 
-def _trace_rows(args):
+def _trace_rows(opts):
     """The rows of the trace a node replays in --hours; DemoError if the file is not a trace."""
-    path = Path(args.trace)
+    path = Path(opts.trace)
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise DemoError("--trace %s: cannot read: %s" % (args.trace, e.strerror)) from None
+        raise DemoError("--trace %s: cannot read: %s" % (opts.trace, e.strerror)) from None
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -109,7 +159,7 @@ def _trace_rows(args):
         raise DemoError("--trace: %s" % e) from None
     if not rows:
         raise DemoError("--trace: %s has no rows" % path.name)
-    end = rows[0][0] + int(args.hours * 3600)
+    end = rows[0][0] + int(opts.hours * 3600)
     return sum(1 for r in rows if r[0] < end)
 
 
@@ -171,48 +221,16 @@ class Progress:
             self.stream.flush()
 
 
-def run(args, workdir):
-    specs = []
-    lora = getattr(args, "link", "udp") == "lora"
-    rng = random.Random(args.seed)
-    for i in range(args.nodes):
-        rows = world_rows(args, i)
-        interval = args.interval
-        if args.trace and len(rows) > 1:
-            gaps = sorted(b[0] - a[0] for a, b in zip(rows, rows[1:], strict=False))
-            interval = max(1, gaps[len(gaps) // 2])  # the trace's own cadence
-        extra, position = {}, (0.0, 0.0)
-        if lora:
-            # Nodes are not switched on in the same second: stagger them over one interval,
-            # or they would all transmit at once every time (a shared gateway hears one).
-            offset = rng.randrange(interval)
-            rows = [(r[0] + offset,) + tuple(r[1:]) for r in rows]
-            extra = {"link": "lora", "lora": {"sf": args.sf}}
-            if args.airtime_budget:
-                extra["airtime_budget_ms"] = int(args.airtime_budget * 1000)
-            # nodes on lamp posts 200 m .. 1.5 km around the gateways (Koper's centre is ~1 km)
-            angle, radius = rng.uniform(0, 2 * math.pi), rng.uniform(200, 1500)
-            position = (radius * math.cos(angle), radius * math.sin(angle))
-        if getattr(args, "idle", "light") == "deep":
-            extra["idle"] = "deep"
-        specs.append(
-            NodeSpec(i + 1, secrets.token_bytes(16), rows, interval, args.batch, extra, position)
-        )
-    sensors = list(specs)
-    if lora:
-        for g in range(args.gateways):
-            angle = 2 * math.pi * g / args.gateways
-            position = (0.0, 0.0) if g == 0 else (600 * math.cos(angle), 600 * math.sin(angle))
-            gw = {"role": "gateway", "lora": {"sf": args.sf}}
-            specs.append(NodeSpec(1000 + g, b"", [], 60, 1, gw, position))
-    keys = {s.node_id: s.key for s in sensors}
-    db = Path(args.db)
+def run(opts, workdir):
+    """Run the fleet opts asks for, storing into opts.db; the summary (summarize())."""
+    sensors = node_specs(opts)
+    specs = sensors + (gateway_specs(opts) if opts.lora else [])
+    db = Path(opts.db)
     for stale in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm")):
         stale.unlink(missing_ok=True)  # the demo's file: each run starts from an empty table
     sink = SqliteSink(db)
-    heap = getattr(args, "heap", None) or (LORA_NODE_HEAP if lora else NODE_HEAP)
-    fleet = Fleet(workdir, specs, receiver=None, heap=heap, seed=args.seed)
-    receiver = Receiver(Verifier(keys), sink, clock=fleet.clock)
+    fleet = Fleet(workdir, specs, receiver=None, heap=node_heap(opts), seed=opts.seed)
+    receiver = Receiver(Verifier({s.node_id: s.key for s in sensors}), sink, clock=fleet.clock)
     fleet.receiver = receiver
     t0 = time.monotonic()
     try:
@@ -224,19 +242,84 @@ def run(args, workdir):
     summary = summarize(
         sensors, [r for r in results if r["node_id"] < 1000], receiver, db, elapsed
     )
-    if lora:
-        summary.update(lora_summary(args, fleet, sensors, results, summary))
+    if opts.lora:
+        summary.update(lora_summary(opts, fleet, sensors, results, summary))
     return summary
 
 
-def lora_summary(args, fleet, sensors, results, summary):
+def node_specs(opts):
+    """The sensor nodes, ids 1..opts.nodes: each its world's rows, config and place."""
+    specs = []
+    rng = random.Random(opts.seed)
+    for i in range(opts.nodes):
+        rows = world_rows(opts, i)
+        interval = opts.interval
+        if opts.trace and len(rows) > 1:
+            gaps = sorted(b[0] - a[0] for a, b in zip(rows, rows[1:], strict=False))
+            interval = max(1, gaps[len(gaps) // 2])  # the trace's own cadence
+        extra, position = {}, (0.0, 0.0)
+        if opts.lora:
+            # Nodes are not switched on in the same second: stagger them over one interval,
+            # or they would all transmit at once every time (a shared gateway hears one).
+            offset = rng.randrange(interval)
+            rows = [(r[0] + offset,) + tuple(r[1:]) for r in rows]
+            extra = {"link": "lora", "lora": {"sf": opts.sf}}
+            if opts.board:  # its real radio set-up, driver and chip
+                extra["sim"] = {"radio": opts.board}
+            if opts.airtime_budget:
+                extra["airtime_budget_ms"] = int(opts.airtime_budget * 1000)
+            # nodes on lamp posts 200 m .. 1.5 km around the gateways (Koper's centre is ~1 km)
+            angle, radius = rng.uniform(0, 2 * math.pi), rng.uniform(200, 1500)
+            position = (radius * math.cos(angle), radius * math.sin(angle))
+        if opts.idle == "deep":
+            extra["idle"] = "deep"
+        if opts.pm:  # config "sensors"; PM made from the weather
+            extra["sensors"] = [
+                {"type": n, "uart": 1} if n in ("sds011", "pms5003") else {"type": n}
+                for n in opts.sensors
+            ]
+            if "bme280" not in opts.sensors:
+                extra.setdefault("sim", {})["bme280"] = False
+            rows = pm.add_pm(rows, seed=opts.seed * 1000 + i)
+        specs.append(
+            NodeSpec(i + 1, secrets.token_bytes(16), rows, interval, opts.batch, extra, position)
+        )
+    return specs
+
+
+def gateway_specs(opts):
+    """The LoRa gateway nodes, ids 1000..: the first at the centre, the others on a circle."""
+    specs = []
+    for g in range(opts.gateways):
+        angle = 2 * math.pi * g / opts.gateways
+        position = (0.0, 0.0) if g == 0 else (600 * math.cos(angle), 600 * math.sin(angle))
+        gw = {"role": "gateway", "lora": {"sf": opts.sf}}
+        if opts.board:
+            gw["sim"] = {"radio": opts.board}
+        specs.append(NodeSpec(1000 + g, b"", [], 60, 1, gw, position))
+    return specs
+
+
+def node_heap(opts):
+    """--heap, or what a node of this run needs (host_tools/sim/fleet.py)."""
+    if opts.heap:
+        return opts.heap
+    if opts.lora:
+        return LORA_DRIVER_HEAP if opts.board else LORA_NODE_HEAP
+    return PM_NODE_HEAP if opts.pm else NODE_HEAP
+
+
+def lora_summary(opts, fleet, sensors, results, summary):
     nodes = [r["stats"] for r in results if r["node_id"] < 1000]
     gateways = [r["stats"] for r in results if r["node_id"] >= 1000]
     airtime_us = sum(fleet.airtime_us.get(s.node_id, 0) for s in sensors)
     stored = summary["readings_stored"] or 1
     return {
         "link": "lora",
-        "spreading_factor": args.sf,
+        "spreading_factor": opts.sf,
+        # which radio: a board's real set-up and micropython-lib's driver on a chip model, or
+        # the API-level modem (boards/README.md "Two LoRa radios")
+        "radio": opts.board or "api-modem",
         "gateways": len(gateways),
         "airtime_s": round(airtime_us / 1e6, 3),
         "airtime_ms_per_reading": round(airtime_us / 1000 / stored, 2),
@@ -262,6 +345,7 @@ def summarize(specs, results, receiver, db, elapsed):
         unmatched = 0
         max_ts_error = 0.0
         max_diff = {q: 0.0 for q in QUANTITIES}
+        pm_stored = 0
         for spec in specs:
             by_ts = {}
             for ts, q, v in con.execute(
@@ -281,11 +365,16 @@ def summarize(specs, results, receiver, db, elapsed):
                     continue
                 max_ts_error = max(max_ts_error, abs(ts - row[0]))
                 got = by_ts[ts]
-                for q, expected in zip(QUANTITIES, row[1:], strict=True):
+                for q, expected in zip(QUANTITIES, row[1:4], strict=True):
                     if q in got:
                         max_diff[q] = max(max_diff[q], abs(got[q] - expected))
                     else:
                         unmatched += 1
+                if len(row) > 5 and PM_QUANTITIES[0] in got:  # (a PM sensor spinning up: none)
+                    pm_stored += 1
+                    for q, expected in zip(PM_QUANTITIES, row[4:6], strict=True):
+                        if q in got:
+                            max_diff[q] = max(max_diff.get(q, 0.0), abs(got[q] - expected))
     finally:
         con.close()
     counters = receiver.counters
@@ -305,9 +394,12 @@ def summarize(specs, results, receiver, db, elapsed):
         "awake_ms_per_cycle": max((s.get("awake_ms_per_cycle", 0) for s in stats), default=0),
         "status_frames_accepted": counters.get("status_accepted", 0),
         "node_resets": sum(r.get("resets", 0) for r in results),
+        # the particulate sensors' fan-and-laser time over the simulated time (bench/pm_power.py)
+        "pm_fan_duty": _pm_duty(specs, results),
         "uplink_bytes": uplink_bytes,
         "bytes_per_reading": round(uplink_bytes / stored, 2) if stored else None,
         "max_abs_diff": {q: round(v, 4) for q, v in max_diff.items()},
+        "pm_readings_stored": pm_stored,
         "max_ts_error_s": round(max_ts_error, 3),
         "missing_values": unmatched,
         "simulated_hours": round(max((s.rows[-1][0] - s.rows[0][0]) for s in specs) / 3600, 2),
@@ -316,6 +408,14 @@ def summarize(specs, results, receiver, db, elapsed):
         "node_exit_codes": [r["exit_code"] for r in results],
         "node_logs": [r["log"] for r in results],
     }
+
+
+def _pm_duty(specs, results):
+    running = [r["pm_running_ms"] for r in results if r.get("pm_running_ms") is not None]
+    if not running:
+        return None
+    span_ms = sum((s.rows[-1][0] - s.rows[0][0]) * 1000 for s in specs) or 1
+    return round(sum(running) / span_ms, 4)
 
 
 def render(summary):
@@ -346,11 +446,19 @@ def render(summary):
         % (d["temperature_c"], d["humidity_pct"], d["pressure_hpa"], summary["max_ts_error_s"]),
         "  readings in %s (table readings)" % summary["db"],
     ]
+    if "pm2_5_ugm3" in d:
+        lines.insert(
+            -1,
+            "  particulate: %d readings with PM2.5 and PM10 stored; largest difference stored - "
+            "sensed %.2f / %.2f ug/m3"
+            % (summary["pm_readings_stored"], d["pm2_5_ugm3"], d["pm10_ugm3"]),
+        )
     if summary.get("link") == "lora":
         lines.append(
-            "  lora:     SF%d, %d gateway(s), %.1f ms airtime a reading, %d frames lost to "
+            "  lora:     %s, SF%d, %d gateway(s), %.1f ms airtime a reading, %d frames lost to "
             "collisions, %d retransmissions, %d duty-cycle deferrals"
             % (
+                summary.get("radio", "api-modem"),
                 summary["spreading_factor"],
                 summary["gateways"],
                 summary["airtime_ms_per_reading"],
@@ -364,19 +472,21 @@ def render(summary):
     return "\n".join(lines)
 
 
-def main(args):
-    check_args(args)
+def main(opts):
+    """Run the demo opts (DemoOptions) asks for, print its summary; exit status 0 when every
+    node finished cleanly and no reading was lost."""
+    check_args(opts)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    keep = getattr(args, "workdir", None)
+    keep = opts.workdir
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
-        summary = run(args, Path(keep))
+        summary = run(opts, Path(keep))
         summary["workdir"] = str(keep)
     else:
         with tempfile.TemporaryDirectory(prefix="citynode-demo-") as tmp:
-            summary = run(args, Path(tmp))
+            summary = run(opts, Path(tmp))
         summary["node_logs"] = None  # removed with the temporary folder: --workdir keeps them
-    if args.json:
+    if opts.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:

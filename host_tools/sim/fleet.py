@@ -7,7 +7,9 @@
 # sample, its clock counting on). Virtual time advances only when every node is waiting, after the
 # receiver has handled every datagram already sent, so a day of readings takes seconds and every
 # timestamp is exact. Replies: "W <ms since boot> [raw ADC]" or "E" (the world, i.e. the trace, has
-# ended: flush and stop; "E <ms>" to a node woken from deep sleep after the end).
+# ended: flush and stop; "E <ms>" to a node woken from deep sleep after the end). A node with a
+# real board's radio ("sim": {"radio": ...}) also sends "X" (its pins and SPI bytes, answered at
+# once by the chip model, boards/sim/lora_hw.py) and "Q <ms>" (a wait its radio's DIO can end).
 
 import bisect
 import json
@@ -19,12 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from boards.sim import uart as sim_uart
 from boards.sim.bme280 import SimBME280, SimI2C
+from boards.sim.lora_hw import FleetRadios, link_mip
 from host_tools import build
 from host_tools.sim.air import Medium
 from protocols import frame, gwlink, uplink
 
-BOOT = "from firmware import main; main.run()"
+BOOT = "from firmware import app; app.run()"
 # The node's MicroPython heap. 80 KB on this 64-bit unix port, where pointers and object
 # headers are twice a 32-bit board's: less than an ESP32's ~100 KB free heap holds (FIELD.md);
 # it leaves room for the littlefs buffers of a real filesystem (bench/RESULTS.md).
@@ -35,9 +39,19 @@ BOOT = "from firmware import main; main.run()"
 NODE_HEAP = "80K"
 NODE_MIN_HEAP = "66K"
 LORA_NODE_HEAP = "96K"  # + the airtime governor and the radio (micropython-lib's on a board)
+# A node with a particulate sensor (config "sensors", firmware/sensors.py): the sensor layer,
+# the driver and the sim board's UART bridge take 8-10 KB more than a BME280-only node; it
+# runs a day in 76-78K (bench/node_cycle.py --sensors), and 96K keeps the margin NODE_HEAP
+# keeps over NODE_MIN_HEAP. Its qstrs are close to filling MicroPython's fifth qstr pool: the next
+# one needs a 640-entry pool, one 7.7 KB block (bench/RESULTS.md "Node heap with a PM sensor").
+PM_NODE_HEAP = "96K"
+# A node or gateway with a real board's radio ("sim": {"radio": ...}): micropython-lib's driver,
+# boards/hw.py and the SPI bridge loaded too (bench/RESULTS.md "LoRa with ... real drivers").
+LORA_DRIVER_HEAP = "160K"
 ACK_FREQ_KHZ = 869525  # acks in the 10 % sub-band (FIELD.md), where the nodes listen for them
 RESET_EXIT = 3  # boards/sim/board.py: the node asked for a reset (crash, watchdog, machine.reset)
 DEEPSLEEP_EXIT = 4  # boards/sim/board.py: the node went into deep sleep ("D <ms>" said when)
+POWER_CUT_EXIT = 5  # boards/sim/faults.py: the node's power was cut (it restarts at power-on)
 MAX_RESETS = 20  # per node: a node that keeps resetting is a failed test, not a loop
 
 
@@ -80,10 +94,16 @@ class _Node:
     asleep: bool = False  # in deep sleep: no process until its wake
     wakes: int = 0  # deep-sleep wakes
     resets: int = 0
+    power_cuts: int = 0
+    rtc_on_ms: int = None  # world time at which its RTC started (power-on); None: at its boot
     home: Path = None  # its filesystem (a folder)
     log_file: object = None  # its serial console, kept
     bme280: SimBME280 = None  # the chip on its I2C bus, None if absent
+    uarts: dict = None  # {uart id: SimUART} its serial parts (a particulate sensor)
+    pm: object = None  # its particulate sensor (boards/sim/sds011.py ...), None if none
+    early: bool = False  # its "C" sleep ends before the next row (a PM sensor spins up)
     i2c: SimI2C = None
+    radio: object = None  # a real board's radio chip (boards/sim/lora_hw.py), None if none
 
 
 class Fleet:
@@ -103,6 +123,7 @@ class Fleet:
                     self.air.add_radio(s.node_id, *s.position)
         self._tx_ends = []  # end (ms) of every transmission not yet resolved
         self.airtime_us = {}  # node id -> total time on air
+        self.radios = FleetRadios(self)  # chips of "sim": {"radio": <board>} nodes
         self.datagrams = 0
 
     def clock(self):
@@ -168,6 +189,18 @@ class Fleet:
         )
         address = hw.get("bme280_address", 0x76)
         node.i2c = SimI2C({address: node.bme280} if node.bme280 else {})
+        if hw.get("radio"):  # a real board's radio chip; its driver on the node reaches it by SPI
+            try:
+                node.radio = self.radios.add(spec.node_id, hw["radio"])
+            except ValueError as e:  # no such board
+                raise FleetError("fleet: node %d: %s" % (spec.node_id, e)) from None
+        if config.get("sensors"):  # a particulate sensor: on a UART or the I2C bus
+            base = spec.rows[0][0] * 1000 if spec.rows else self.now_ms
+            clock = lambda: self.now_ms - base  # noqa: E731  (ms since the node's first row)
+            uarts, i2c_parts = sim_uart.parts(config, clock)
+            node.uarts = {k: sim_uart.SimUART(d, clock) for k, d in uarts.items()}
+            node.i2c.devices.update(i2c_parts)
+            node.pm = next(iter(list(uarts.values()) + list(i2c_parts.values())), None)
         node.log_file = open(log_path, "w")
         self._spawn(node)
         return node
@@ -179,7 +212,11 @@ class Fleet:
         lib = Path(node.home) / "lib"
         if not lib.is_symlink():
             lib.symlink_to(Path(self.build_dir).resolve(), target_is_directory=True)
-        env = dict(os.environ, MICROPYPATH=".frozen:lib")
+        path = ".frozen:lib"
+        if node.radio is not None:  # micropython-lib's lora packages, as mip puts them on it
+            mpy_cross = build.tool("mpy-cross")
+            path += ":" + link_mip(node.home, self.build_dir, node.radio.board, mpy_cross)
+        env = dict(os.environ, MICROPYPATH=path)
         serial = node.spec.extra_config.get("uplink") == "serial"
         node.proc = subprocess.Popen(
             [build.tool("micropython"), "-X", "heapsize=" + self.heap, "-c", BOOT],
@@ -203,7 +240,10 @@ class Fleet:
             node.asleep = True
             node.log_file.flush()
             return False
-        if node.proc.returncode != RESET_EXIT or node.ended:
+        if node.proc.returncode == POWER_CUT_EXIT and not node.ended:
+            node.power_cuts += 1  # boards/sim/faults.py: the RTC restarts with the power
+            node.rtc_on_ms = None
+        elif node.proc.returncode != RESET_EXIT or node.ended:
             return True
         node.resets += 1
         if node.resets > MAX_RESETS:
@@ -223,87 +263,109 @@ class Fleet:
                 self._advance(alive)
             ready, _, _ = select.select([self._control], [], [], 0.05)
             if ready:
-                self._request(*self._control.recvfrom(256))
+                self._request(*self._control.recvfrom(2048))
             else:  # quiet: has a node exited (finished, or reset)?
                 alive = [n for n in alive if n.proc.poll() is None or not self._reaped(n)]
 
     def _request(self, data, addr):
+        """One request of a node's board (the protocol in this file's header): answered at
+        once (buses, radio pins, RTC) or left waiting until the simulated time it names."""
         words = data.decode().split()
         kind = words[0]
-        if kind[0] == "I":  # a bus transaction: answered at once, time does not move
-            self._control.sendto(self._bus(self._by_addr[addr], words), addr)
-            return
-        if kind == "H":
-            node = self._by_id.get(int(words[1]))
-            if node is None:
-                raise FleetError("fleet: unknown node %s said hello" % words[1])
-            node.addr = addr
-            self._by_addr[addr] = node
-            if node.asleep:  # a deep-sleep wake: its clock counted on, it senses the next row
-                node.asleep = False
-                node.wakes += 1
-                if node.ended:
-                    self._control.sendto(b"E %d" % (self.now_ms - node.boot_ms), addr)
-                    node.waiting = None
-                else:
-                    self._wake(node, sense=True)
-                return
-            if node.booted:  # a reset: the board restarts now, sensing what is there now
-                node.boot_ms = self.now_ms
-                self._wake(node, sense="again" if node.spec.rows else False)
-                return
-            node.booted = True
-            if not node.spec.rows:  # a gateway: nothing to sense, it boots now
-                node.boot_ms = self.now_ms
-                self._wake(node, sense=False)
-                return
-            # It boots at its first row's time and samples it: until then it waits.
-            node.waiting, node.deadline_ms = "B", max(self.now_ms, node.spec.rows[0][0] * 1000)
-            return
-        node = self._by_addr[addr]
-        if kind == "TX":  # on the air now; the radio is busy until the frame has left
-            freq, sf, power = int(words[1]), int(words[2]), int(words[3])
-            tx = self.air.transmit(
-                node.spec.node_id,
-                self.now_ms * 1000,
-                freq,
-                sf,
-                125,
-                bytes.fromhex(words[4]),
-                power,
-            )
-            end_ms = -(-tx.t_end // 1000)
-            bisect.insort(self._tx_ends, end_ms)
-            node.waiting, node.deadline_ms, node.delivered = "T", end_ms, False
-            self.airtime_us[node.spec.node_id] = self.airtime_us.get(node.spec.node_id, 0) + (
-                tx.t_end - tx.t_start
-            )
-            return
-        if kind == "RX":  # a receive window on (freq, sf) for up to timeout ms
-            freq, sf, timeout = int(words[1]), int(words[2]), int(words[3])
-            if self._world_over(node):
+        if kind[0] == "I" or kind in ("X", "UW", "UR", "RTC"):  # time does not move
+            self._control.sendto(self._answer_now(self._by_addr[addr], kind, words), addr)
+        elif kind == "H":
+            self._hello(int(words[1]), addr)
+        elif kind == "TX":
+            self._transmit(self._by_addr[addr], words)
+        elif kind == "RX":
+            self._listen(self._by_addr[addr], words)
+        else:
+            self._wait_for(self._by_addr[addr], kind, words)
+
+    def _answer_now(self, node, kind, words):
+        if kind[0] == "I":  # a bus transaction
+            return self._bus(node, words)
+        if kind == "X":  # a radio chip's pins and SPI (boards/sim/spi.py)
+            try:
+                return self.radios.request(node.spec.node_id, words, self.now_ms)
+            except ValueError as e:  # the chip or the circuit refuses it: name the node, stop
+                raise FleetError("fleet: node %d: %s" % (node.spec.node_id, e)) from None
+        if kind in ("UW", "UR"):  # a UART: bytes to the part, or those it has sent by now
+            return self._uart(node, words)
+        # "RTC": the board's RTC counts from its last power-on, through resets
+        if node.rtc_on_ms is None:
+            node.rtc_on_ms = node.boot_ms
+        return b"T %d" % (self.now_ms - node.rtc_on_ms)
+
+    def _hello(self, node_id, addr):
+        """ "H <id>": a board has booted (a power-on, a reset or a deep-sleep wake)."""
+        node = self._by_id.get(node_id)
+        if node is None:
+            raise FleetError("fleet: unknown node %s said hello" % node_id)
+        node.addr = addr
+        self._by_addr[addr] = node
+        if node.asleep:  # a deep-sleep wake: its clock counted on, it senses the next row
+            node.asleep = False
+            node.wakes += 1
+            if node.ended:
+                self._control.sendto(b"E %d" % (self.now_ms - node.boot_ms), addr)
                 node.waiting = None
-                self._control.sendto(b"E", node.addr)
-                return
-            self.air.listen(
-                node.spec.node_id,
-                freq,
-                sf,
-                125,
-                self.now_ms * 1000,
-                (self.now_ms + timeout) * 1000,
-            )
-            node.waiting, node.deadline_ms, node.delivered = "L", self.now_ms + timeout, False
+            else:
+                self._wake(node, sense=True)
             return
+        if node.booted:  # a reset: the board restarts now, sensing what is there now
+            node.boot_ms = self.now_ms
+            self._wake(node, sense="again" if node.spec.rows else False)
+            return
+        node.booted = True
+        if not node.spec.rows:  # a gateway: nothing to sense, it boots now
+            node.boot_ms = self.now_ms
+            self._wake(node, sense=False)
+            return
+        # It boots at its first row's time and samples it: until then it waits.
+        node.waiting, node.deadline_ms = "B", max(self.now_ms, node.spec.rows[0][0] * 1000)
+
+    def _transmit(self, node, words):
+        """ "TX <freq> <sf> <power> <hex>" (the API-level modem): on the air now; the radio is
+        busy until the frame has left."""
+        freq, sf, power = int(words[1]), int(words[2]), int(words[3])
+        tx = self.air.transmit(
+            node.spec.node_id, self.now_ms * 1000, freq, sf, 125, bytes.fromhex(words[4]), power
+        )
+        end_ms = -(-tx.t_end // 1000)
+        bisect.insort(self._tx_ends, end_ms)
+        node.waiting, node.deadline_ms, node.delivered = "T", end_ms, False
+        self.airtime_us[node.spec.node_id] = self.airtime_us.get(node.spec.node_id, 0) + (
+            tx.t_end - tx.t_start
+        )
+
+    def _listen(self, node, words):
+        """ "RX <freq> <sf> <timeout ms>" (the API-level modem): a receive window."""
+        freq, sf, timeout = int(words[1]), int(words[2]), int(words[3])
+        if self._world_over(node):
+            node.waiting = None
+            self._control.sendto(b"E", node.addr)
+            return
+        now_us = self.now_ms * 1000
+        self.air.listen(node.spec.node_id, freq, sf, 125, now_us, now_us + timeout * 1000)
+        node.waiting, node.deadline_ms, node.delivered = "L", self.now_ms + timeout, False
+
+    def _wait_for(self, node, kind, words):
+        """ "S <ms>", "R <ms>", "C <ms> [<early>]", "D <ms>": the node waits in simulated time."""
         ms = int(words[1])
         node.waiting = kind
         node.delivered = False
         if kind in ("C", "D"):
+            # "C <ms> <early>": wake early ms before the next row, without sensing it yet
+            early = int(words[2]) if len(words) > 2 else 0
+            node.early = bool(early)
             if node.row >= len(node.spec.rows) or node.ended:
                 node.deadline_ms = self.now_ms  # the trace is over: end now
                 node.ended = True
             else:
-                node.deadline_ms = max(self.now_ms, node.spec.rows[node.row][0] * 1000)
+                row_ms = node.spec.rows[node.row][0] * 1000
+                node.deadline_ms = max(self.now_ms, row_ms - early)
         else:
             node.deadline_ms = self.now_ms + ms
 
@@ -315,12 +377,21 @@ class Fleet:
             t = min(n.deadline_ms for n in alive)
             if self._tx_ends and self._tx_ends[0] < t:
                 t = self._tx_ends[0]  # a frame ends first: someone may hear it
+            chip_t = self.radios.next_event_ms()  # a radio chip's TX end or RX timeout
+            if chip_t is not None and chip_t < t:
+                t = chip_t
             self.now_ms = max(self.now_ms, t)
+            self.radios.run(self.now_ms)
             while self._tx_ends and self._tx_ends[0] <= self.now_ms:
                 self._tx_ends.pop(0)
             due = [n for n in alive if n.deadline_ms <= self.now_ms]
             if self.air is not None:
                 due = self._hear(alive, due)
+            due += [  # "Q": a node waiting for its radio's interrupt (boards/sim/spi.py)
+                n
+                for n in alive
+                if n.waiting == "Q" and n not in due and self.radios.edge(n.spec.node_id)
+            ]
         for n in due:
             if n.waiting is None:
                 continue  # woken by a frame heard
@@ -337,13 +408,15 @@ class Fleet:
                 n.waiting = None
                 self._control.sendto(b"E", n.addr)
             else:
-                self._wake(n, sense=n.waiting == "C")
+                self._wake(n, sense=n.waiting == "C" and not n.early)
 
     def _hear(self, alive, due):
         """Resolve the air up to now: a radio in a receive window that heard a frame wakes
         with it ("P <ms> <rssi> <snr x4> <hex>"); its window closes."""
         heard = self.air.deliveries(self.now_ms * 1000)
         for radio_id, deliveries in heard.items():
+            if self.radios.deliver(radio_id, deliveries, self.now_ms):
+                continue  # a radio chip: its driver reads the frame over SPI
             node = self._by_id.get(radio_id)
             if node is None or node.waiting != "L":
                 continue
@@ -436,7 +509,24 @@ class Fleet:
         )
         reply(gwlink.encode(down))
 
+    def _uart(self, node, words):
+        uart = (node.uarts or {}).get(int(words[1]))
+        if words[0] == "UW":
+            if uart is not None:
+                uart.write(bytes.fromhex(words[2] if len(words) > 2 else ""))
+            return b"A"
+        return b"D " + (uart.take(64).hex().encode() if uart is not None else b"")
+
     def _bus(self, node, words):
+        if words[0] in ("IT", "IF"):  # a whole write or read transaction (an SPS30's)
+            addr = int(words[1])
+            try:
+                if words[0] == "IT":
+                    node.i2c.writeto(addr, bytes.fromhex(words[2] if len(words) > 2 else ""))
+                    return b"A"
+                return b"D " + node.i2c.readfrom(addr, int(words[2])).hex().encode()
+            except OSError:
+                return b"N"
         addr, reg = int(words[1]), int(words[2])
         try:
             if words[0] == "IR":
@@ -454,10 +544,17 @@ class Fleet:
         if sense:
             if sense is True:
                 node.row += 1
-            _, t, h, p = node.spec.rows[node.row - 1]
+            row = node.spec.rows[node.row - 1]
             if node.bme280 is not None:
-                node.bme280.set_environment(t, h, p)
-        self._control.sendto(reply.encode(), node.addr)
+                node.bme280.set_environment(*row[1:4])
+            if node.pm is not None and len(row) > 5:  # (ts, T, RH, P, PM2.5, PM10)
+                node.pm.set_pm(row[4], row[5])
+        data = reply.encode()
+        if node.radio is not None:  # what its radio chip drives; "E": a gateway's world is over
+            if node.spec.role == "gateway" and self._world_over(node):
+                data = b"E" + data[1:]
+            data += self.radios.lines(node.spec.node_id, self.now_ms)
+        self._control.sendto(data, node.addr)
 
     def _drain(self):
         """Hand every datagram the nodes have sent to the receiver; send its acks back."""
@@ -491,6 +588,9 @@ class Fleet:
             "node_id": node.spec.node_id,
             "exit_code": node.proc.returncode,
             "resets": node.resets,
+            "power_cuts": node.power_cuts,
+            # ms its particulate sensor's fan and laser ran (the power model's duty), or None
+            "pm_running_ms": node.pm.running_ms(node.pm.clock()) if node.pm else None,
             "wakes": node.wakes,
             "stats": {k: int(v) for k, v in stats.items() if v.lstrip("-").isdigit()},
             "log": str(node.log_path),
