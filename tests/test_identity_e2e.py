@@ -859,8 +859,9 @@ def soak(tmp_path, kills, seed, n_nodes=5, sample_s=0.01):
     assert not any(k.startswith("rejected_") for k in counters)
 
 
-def test_soak_receiver_killed_20_times_every_acked_reading_once(tmp_path):
-    soak(tmp_path, kills=20, seed=1)
+def test_soak_receiver_killed_10_times_every_acked_reading_once(tmp_path):
+    """The suite's size (30 s); 150 kills behind -m slow."""
+    soak(tmp_path, kills=10, seed=1)
 
 
 @pytest.mark.slow
