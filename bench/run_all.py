@@ -20,6 +20,7 @@ SCRIPTS = (
     "mpy_sizes.py",
     "airtime.py",
     "pg_speed.py",
+    "pm_power.py",
 )
 
 

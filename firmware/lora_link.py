@@ -53,11 +53,21 @@ class LoraLink:
         return True
 
     def receive(self, timeout_ms):
+        # The driver blocks for the whole window without feeding the watchdog (8.4 s at most,
+        # boards/hw.py; an ack window is 6 s): fed here, a frame's window and a status frame's
+        # one in the same cycle no longer add up past it.
+        self.board.feed()
         self.modem.configure({"freq_khz": self.ack_freq})
         try:
             pkt = self.modem.recv(timeout_ms=timeout_ms)
-        finally:
+        except KeyboardInterrupt:
+            # Ctrl-C (mpremote) mid-receive: the driver refuses a configure while it receives
+            # ("Receiving"), which would replace the interrupt with a crash; the board stops.
+            raise
+        except Exception:
             self.modem.configure({"freq_khz": self.freq})
+            raise
+        self.modem.configure({"freq_khz": self.freq})
         if pkt is None or not pkt.valid_crc:
             return None
         self.rssi = pkt.rssi

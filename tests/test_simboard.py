@@ -403,3 +403,25 @@ def test_bad_fault_option(tools, tmp_path, fault, message):
     assert result.returncode == 2
     assert result.stderr == "citynode: --fault: %s\n" % message
     assert not (tmp_path / "x.img").exists()
+
+
+# --- --board: the board it simulates ---------------------------------------------------------
+
+
+def test_the_board_says_which_board_it_simulates(sim, tmp_path):
+    """$CITYNODE_SIM_BOARD is what `citynode flash` reads (tests/test_flash_mip.py flashes one);
+    the rest of the board is the same simulated board."""
+    code = "import os, sys; print(os.getenv('CITYNODE_SIM_BOARD'), sys.platform)"
+    assert board_exec(sim().port, code) == "sim linux"
+    lora = sim(tmp_path / "lora.img", board="heltec_v3")
+    assert board_exec(lora.port, code) == "heltec_v3 linux"
+    mpremote(lora.port, "soft-reset")  # and after a soft reset, when boot.py runs again
+    assert board_exec(lora.port, code) == "heltec_v3 linux"
+
+
+def test_an_unknown_board_is_refused(tools, tmp_path):
+    result = cli("sim-board", "--image", tmp_path / "x.img", "--board", "heltec_v4")
+    assert result.returncode == 2
+    assert result.stderr.startswith("citynode: --board: unknown board 'heltec_v4'; known boards: ")
+    assert "heltec_v3" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "x.img").exists()

@@ -2,7 +2,8 @@
 # board's littlefs image at "/", sets sys.path as a board does, gives `machine` a reset(), and runs
 # /boot.py and /main.py; then the unix port's own REPL (started with -i) takes the serial line.
 #
-# Run as `micropython -X heapsize=64K -i sim_boot.py IMAGE MODE [format] [arm] [FAULT=S ...]`:
+# Run as `micropython -X heapsize=64K -i sim_boot.py IMAGE MODE [format] [arm] [mcu] [FAULT=S]`
+# ("mcu": the board simulates a real one, `sim-board --board NAME`: boards/sim/mcu.py):
 # MODE "run" (power-on, hard or soft reset from the friendly REPL: boot.py then main.py) or "raw"
 # (soft reset from the raw REPL: boot.py only, as a real board does). FAULT=S (hang_at_s=30,
 # crash_at_s=60: `citynode sim-board --fault`) gives the sim board's node boards/sim/faults.py's
@@ -100,7 +101,7 @@ def _inject_faults(faults, arm):
             if self._control is None:
                 self._faults.check(self)
 
-    sim.Board = Board  # what firmware/boot.py's load_board() builds
+    sim.Board = Board  # what firmware/bringup.py's load_board() builds
 
 
 def _mount(path, fresh):
@@ -154,6 +155,13 @@ try:
     os.chdir("/")
     sys.path[:] = ["", ".frozen", "/lib"]  # as on the esp32 and rp2 ports
     sys.modules["machine"] = _Machine(machine)
+    if "mcu" in _opts:  # a real board: its port's machine (boards/sim/mcu.py), once flashed
+        try:
+            from boards.sim import mcu  # importing it installs it
+
+            del mcu
+        except ImportError:
+            pass
     _faults = _fault_options(_opts)
     _arm = "arm" in _opts
     del os, machine, _mount, _fault_options, _opts  # a board's REPL starts with an empty namespace

@@ -26,7 +26,10 @@
 # so mpremote's `fs cp x :` and `:/lib/...` land in the image, never in the host's filesystem. Not
 # a sandbox: code run on the board can still call os.system() on the host. Faults (--fault
 # hang-at=S) go to boards/sim/boot.py, which gives them to a flashed sim node as the fleet
-# simulator's config does.
+# simulator's config does. --board NAME (default sim) is the board it simulates, in the unix
+# port's environment (SIM_BOARD_ENV, os.getenv() on the board; not in boards/sim/boot.py, whose
+# every byte comes off the node's heap): `citynode flash --board NAME` admits the board as that
+# one only (its MIP_PACKAGES and config), giving it the bytecode build its interpreter runs.
 
 import errno
 import fcntl
@@ -55,6 +58,11 @@ EXIT = b"\x00sim-exit "  # boards/sim/boot.py _EXIT: "<status>\x00" follows; the
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n"
 SOFT_REBOOT = b"MPY: soft reboot\r\n"
 FRIENDLY_PROMPT = b">>> "
+SIM_BOARD_ENV = "CITYNODE_SIM_BOARD"  # host_tools/flash.py's inspection reads it
+# How the board's process was started, in its environment: "power" (the first start, or after
+# the interpreter died), "reset" (it exited with RESET_EXIT) or "soft" (a soft reboot); a real
+# board's machine (boards/sim/mcu.py) makes reset_cause() and its RTC memory from it.
+RESET_ENV = "CITYNODE_SIM_RESET"  # boards/sim/mcu.py RESET_ENV
 _LONE_LF = re.compile(rb"(?<!\r)\n")
 BLOCK = 4096
 IMAGE_SIZE = 1024 * 1024  # 256 blocks: about what a Pico W leaves for files (848 KB)
@@ -64,6 +72,16 @@ IN_LIMIT = 65536
 # The node's heap on this 64-bit port, as the fleet simulator gives it (NODE_HEAP, 80K: a 32-bit
 # board's ~100 KB less what the doubled pointers cost; see host_tools/sim/fleet.py).
 DEFAULT_HEAP = NODE_HEAP
+# A real board (--board NAME) runs boards/hw.py, its `machine` (boards/sim/mcu.py) and, with
+# "link": "lora", micropython-lib's driver on the chip model in the same process: a node with the
+# real driver needs 144-152K on this port (bench/RESULTS.md "Node heap with the real driver",
+# LORA_DRIVER_HEAP 160K in the fleet), and here the chip model (boards/sim/lora_hw.py,
+# sx1262.py, sx1276.py) and the BME280 model run beside it. Measured on 2026-12-03 (a flashed
+# node with "link": "lora", sampling every 2 s, 20 s of real time, at 176/184/192K): every LoRa
+# board boots and sends in 192K and fails to build its node in 184K (heltec_v3) / 176K
+# (MemoryError); 224K keeps about the margin NODE_HEAP keeps over NODE_MIN_HEAP. Boards without
+# a radio need no more than a sim node.
+BOARD_HEAPS = {"heltec_v3": "224K", "lilygo_t3_v161": "224K", "pico_lora_sx1262": "224K"}
 # What the simulation keeps on the heap itself: boards/sim/boot.py's code and globals, the littlefs
 # mount, main.py's compiled two lines (measured 5.2 KB). The unix port gets --heap plus this, so
 # main.py starts with about as much free heap as `micropython -X heapsize=80K -c ...` (the fleet
@@ -78,6 +96,11 @@ FAULTS = {
 }
 
 
+def default_heap(board):
+    """--heap's default for a sim-board simulating board."""
+    return BOARD_HEAPS.get(board, DEFAULT_HEAP)
+
+
 class SimBoardError(Exception):
     """The simulated board cannot start (image, interpreter); str() says what to do."""
 
@@ -86,10 +109,13 @@ class SimBoard:
     """One simulated board. open() -> the port's path; serve(stop) until stop() is true."""
 
     def __init__(
-        self, image, heap=DEFAULT_HEAP, micropython=None, log=None, trace=None, faults=None
-    ):
+        self, image, heap=None, micropython=None, log=None, trace=None, faults=None,
+        board="sim",
+    ):  # fmt: skip
         self.image = Path(image)
-        self.heap = heap
+        self.heap = heap or default_heap(board)
+        self.board = board  # the board simulated (boards/<name>)
+        self._start = "power"  # how the next process starts (RESET_ENV)
         self.faults = dict(faults or {})  # {"hang_at_s": 30}: parse_faults()
         self.micropython = micropython
         self.log = log or (lambda msg: print("sim-board: %s" % msg, file=sys.stderr, flush=True))
@@ -197,7 +223,12 @@ class SimBoard:
             if self.boots == 0:
                 cmd.append("arm")  # a new run: faults that fired in an earlier one fire again
             cmd += ["%s=%d" % item for item in sorted(self.faults.items())]
-        env = {k: v for k, v in os.environ.items() if k != "MICROPYPATH"}
+        if self.board != "sim":
+            cmd.append("mcu")  # a real board: boards/sim/boot.py gives it boards/sim/mcu.py
+        drop = ("MICROPYPATH", SIM_BOARD_ENV, RESET_ENV)
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env[SIM_BOARD_ENV] = self.board  # os.getenv() on the board: what `citynode flash` reads
+        env[RESET_ENV] = self._start
         self._proc = subprocess.Popen(
             cmd,
             stdin=slave,
@@ -352,13 +383,16 @@ class SimBoard:
             )
         if rc == RESET_EXIT:
             mode = "run"
+            self._start = "reset"
             self.log("reset")
         elif rc >= 0:
             mode = "raw" if self._raw else "run"
+            self._start = "soft"
             self._emit(SOFT_REBOOT)
             self.log("soft reboot%s" % (" (raw REPL)" if mode == "raw" else ""))
         else:
             mode = "run"
+            self._start = "power"
             self.log("MicroPython ended by signal %d: power cycle" % -rc)
         now = time.monotonic()
         if mode == "run" and now - self._started < RESTART_WINDOW_S:
@@ -480,7 +514,8 @@ def run_until_signal(board, out=sys.stdout):
     try:
         port = board.open()
         print(port, file=out, flush=True)
-        board.log("%s is the board's serial port; Ctrl-C to stop" % port)
+        what = "" if board.board == "sim" else " (a simulated %s)" % board.board
+        board.log("%s is the board's serial port%s; Ctrl-C to stop" % (port, what))
         board.serve(lambda: bool(stopping))
     finally:
         for s, handler in previous.items():
@@ -492,13 +527,15 @@ class SimBoardProcess:
     """`citynode sim-board` as a subprocess, for tests and scripts: .port is its serial port.
     Use as a context manager, or call stop(); kill() stops it as a pulled USB cable would."""
 
-    def __init__(self, image, heap=DEFAULT_HEAP, cwd=None, timeout=20.0, faults=()):
+    def __init__(self, image, heap=None, cwd=None, timeout=20.0, faults=(), board=None):
         cmd = [sys.executable, "-m", "host_tools.cli", "sim-board", "--image", str(image)]
         for fault in faults:  # "hang-at=30", as typed after --fault
             cmd += ["--fault", fault]
+        if board is not None:
+            cmd += ["--board", board]
         self._log = tempfile.TemporaryFile()  # its stderr: a pipe nobody reads could fill up
         self.proc = subprocess.Popen(
-            cmd + ["--heap", heap],
+            cmd + (["--heap", heap] if heap else []),
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
