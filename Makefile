@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash tools/system-deps.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

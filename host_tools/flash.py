@@ -694,7 +694,7 @@ class Flasher:
         self.root = Path(root)
         self.mpremote = mpremote
         self.fw_version = firmware_version(self.root)
-        self.build_dir = self.root / "build" / (board.arch or "unix")
+        self.build_dir = self._build_dir(board.arch)
         self.files = None  # [(local .mpy, remote path)] once built
         self._builds = {}  # (arch, simulated) -> files
         self._staging = None  # the folder packages are fetched into (close() removes it)
@@ -714,12 +714,18 @@ class Flasher:
         """Compile the firmware for the board's architecture (before any board is touched)."""
         self.files = self._build(self.board.arch, False)
 
+    def _build_dir(self, arch):
+        """build/<arch>, build/unix for bytecode; in this repository beside
+        build.default_build_dir() ($CITYNODE_BUILD: each test worker builds apart)."""
+        base = build.default_build_dir().parent if self.root == build.ROOT else self.root / "build"
+        return base / (arch or "unix")
+
     def _build(self, arch, simulated):
         """The files of the build for arch (a simulated board: bytecode, with boards/sim/)."""
         key = (arch, simulated)
         if key not in self._builds:
             self.progress(0, "building firmware (%s)" % (arch or "bytecode"))
-            build_dir = self.root / "build" / (arch or "unix")
+            build_dir = self._build_dir(arch)
             try:
                 build.build(build_dir, arch=arch, root=self.root)
             except build.BuildError as e:

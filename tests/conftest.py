@@ -17,6 +17,11 @@ from host_tools import build
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# Under pytest-xdist (`make test`) each worker builds the firmware that `citynode flash`, the
+# sim-board and the fleet simulator use into a folder of its own: two builds into one folder
+# could hand a board a file the other is still writing. Subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER") and "CITYNODE_BUILD" not in os.environ:
+    os.environ["CITYNODE_BUILD"] = str(ROOT / "build" / os.environ["PYTEST_XDIST_WORKER"] / "unix")
 HEAP = "64K"  # the smallest board's free heap we target (ESP32 without PSRAM, see FIELD.md)
 
 

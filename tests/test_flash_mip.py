@@ -49,6 +49,19 @@ def snapshot(port):
     return dict(x.split()[1:] for x in lines if x.startswith("SNAP "))
 
 
+# The flashed config with "link": "lora" (flash writes a UDP uplink), then a reset: the node
+# builds its radio at the next boot.
+TO_LORA = (
+    "import json\nc = json.load(open('config.json'))\n"
+    "c.update(link='lora', interval_s=1, batch=1, ack_timeout_ms=1000)\n"
+    "with open('config.json', 'w') as f:\n    json.dump(c, f)"
+)
+
+
+def to_lora(port):
+    mpremote(port, "exec", TO_LORA, "+", "reset")
+
+
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     """The vendored packages as a mip index folder (built once for the module)."""
@@ -290,12 +303,7 @@ def test_the_lora_board_is_flashed_with_its_packages_from_the_index(sim, index, 
     # With "link": "lora" the node builds its radio: micropython-lib's sx126x driver on the
     # board's pins, on the sim-board's SX1262 model. A sim-board has no air: the frame takes its
     # time on air and goes nowhere, no ack comes, and the readings stay on the node.
-    code = (
-        "import json\nc = json.load(open('config.json'))\n"
-        "c.update(link='lora', interval_s=1, batch=1, ack_timeout_ms=1000)\n"
-        "with open('config.json', 'w') as f:\n    json.dump(c, f)"
-    )
-    mpremote(board.port, "exec", code, "+", "reset")
+    to_lora(board.port)
     console = Console(board.port)
     try:
         read_until_line(console, r" sensor bme280 ready address=0x76")  # on GPIO 41/42
@@ -351,12 +359,7 @@ def test_the_other_lora_boards_run_their_radio_on_the_sim_board(
     assert result.returncode == 0, result.stderr
     assert re.search(r" node started board=%s boot=1 .*reset_cause=%d " % (name, cause),
                      result.stdout), result.stdout  # fmt: skip
-    code = (
-        "import json\nc = json.load(open('config.json'))\n"
-        "c.update(link='lora', interval_s=1, batch=1, ack_timeout_ms=1000)\n"
-        "with open('config.json', 'w') as f:\n    json.dump(c, f)"
-    )
-    mpremote(board.port, "exec", code, "+", "reset")
+    to_lora(board.port)
     console = Console(board.port)
     try:
         read_until_line(console, r" sensor bme280 ready address=0x76")
