@@ -28,6 +28,7 @@ def data(node_id, index, ages=(1200, 600, 0)):
 
 def status(node_id, seq, **fields):
     ids = {"boot_count": 1, "readings_dropped": 5, "sensor_faults": 8, "free_heap": 3}
+    ids.update(bme280_faults=10, sds011_faults=11, pms5003_faults=12, sps30_faults=13)
     return frame.encode_status(
         frame.Signer(KEY), node_id, seq, {ids[k]: v for k, v in fields.items()}
     )
@@ -93,3 +94,19 @@ def test_receive_status_prints_a_line_for_each_node_with_a_problem(tmp_path):
         "citynode: node 31: not heard for 4000 s (it sends about every 600 s)"
     ]
     assert json.loads(result.stdout)["node_health"]["32"]["frames"] == 1
+
+
+def test_a_pm_node_names_which_sensor_faults():
+    """A node with config "sensors" reports faults per sensor type (STATUS fields 10-13):
+    --status names them, from the receiver and from the status file alike."""
+    now = 1_800_000_000.0
+    r = Receiver(Verifier({4: KEY, 5: KEY}), Sink(), clock=lambda: now)
+    r.datagram(status(4, 0, boot_count=1, sensor_faults=7, bme280_faults=0, sds011_faults=7))
+    r.datagram(status(5, 0, boot_count=1, sensor_faults=2))  # a BME280-only node: no 10-13
+    problems = r.health.problems(now)
+    assert (4, "7 sensor faults since boot (sds011 7)") in problems
+    assert (5, "2 sensor faults since boot") in problems
+    doc = {"time": now, "node_health": r.health.snapshot(now)}
+    assert problems_of_snapshot(doc, now) == problems
+    r.datagram(status(4, 1, boot_count=2, sensor_faults=0, sds011_faults=0))  # fixed, rebooted
+    assert not [w for n, w in r.health.problems(now) if n == 4 and "fault" in w]

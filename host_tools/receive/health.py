@@ -23,6 +23,7 @@ class NodeHealth:
         "reset_cause",
         "readings_dropped",
         "sensor_faults",
+        "faults_by_sensor",
         "free_heap",
         "fw_version",
         "journal_fill",
@@ -53,6 +54,8 @@ _FIELDS = {
     7: "fw_version",
     8: "sensor_faults",
 }
+# STATUS fields 10-13: faults per sensor type, on nodes with config "sensors" (SPEC.md)
+_SENSOR_FIELDS = {10: "bme280", 11: "sds011", 12: "pms5003", 13: "sps30"}
 
 
 class Health:
@@ -83,6 +86,12 @@ class Health:
         for fid, name in _FIELDS.items():
             if fid in status.fields:
                 setattr(node, name, status.fields[fid])
+        kinds = {
+            name: status.fields[fid]
+            for fid, name in _SENSOR_FIELDS.items()
+            if status.fields.get(fid)
+        }
+        node.faults_by_sensor = kinds or None
         if node.first_boot is None and node.boot_count is not None:
             node.first_boot = node.boot_count
 
@@ -112,7 +121,19 @@ class Health:
             if h.readings_dropped:
                 out.append((node_id, "%d readings dropped on the node" % h.readings_dropped))
             if h.sensor_faults:
-                out.append((node_id, "%d sensor faults since boot" % h.sensor_faults))
+                which = h.faults_by_sensor or {}
+                out.append(
+                    (
+                        node_id,
+                        "%d sensor faults since boot%s"
+                        % (
+                            h.sensor_faults,
+                            " (%s)" % ", ".join("%s %d" % kv for kv in sorted(which.items()))
+                            if isinstance(which, dict) and which
+                            else "",
+                        ),
+                    )
+                )
             resets = (h.boot_count or 0) - (h.first_boot or 0)
             if resets:
                 out.append((node_id, "reset %d times since the receiver started" % resets))
