@@ -3,7 +3,6 @@
 # in its /lib as `mip install` leaves it, and a small host peer that verifies and acks each frame.
 import errno
 import json
-import os
 import re
 import subprocess
 import threading
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from test_node import boot_alone
 from test_sinks_mqtt import Mosquitto, free_port
 
 from host_tools import build, flash
@@ -374,35 +374,11 @@ def test_mqtt_uplink_config_errors_are_precise(run_mp):
 
 
 def test_a_bad_mqtt_uplink_is_one_log_line_and_the_node_waits(tmp_path, board_build):
-    home = tmp_path / "node"
-    home.mkdir()
-    (home / "config.json").write_text(json.dumps(dict(GOOD, uplink="mqtts://b:8883")))
-    env = dict(os.environ, MICROPYPATH=".frozen:%s" % board_build["dir"])
-    proc = subprocess.Popen(
-        [
-            board_build["micropython"],
-            "-X",
-            "heapsize=" + NODE_HEAP,
-            "-c",
-            "from firmware import app; app.run()",
-        ],
-        cwd=home,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        time.sleep(0.3)
-        assert proc.poll() is None, "the node halted: " + line + proc.stdout.read()
-    finally:
-        proc.kill()
-        proc.wait()
+    line = boot_alone(tmp_path, board_build, json.dumps(dict(GOOD, uplink="mqtts://b:8883")))
     # "E <uptime> ...": the uptime is a ms or two on a loaded machine
     assert re.fullmatch(
         r"E \d+\.\d{3} config config: uplink 'mqtts://b:8883': TLS \(mqtts://\) is not "
-        r"supported on a node retry_s=10\n",
+        r"supported on a node retry_s=10",
         line,
     ), line
 
