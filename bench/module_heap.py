@@ -8,7 +8,7 @@ that no module is charged for a new pool that the one before it made necessary (
 grows the pool by doubling: bench/RESULTS.md "A cliff to know about"); each new qstr's pool
 entry costs about 11 bytes more than shown, on 64-bit.
 
-    .venv/bin/python bench/module_heap.py               # a BME280-only node, then a PM node's extras
+    .venv/bin/python bench/module_heap.py               # a BME280 node, then a PM node's extras
     .venv/bin/python bench/module_heap.py firmware.log  # some modules only
 
 The totals are not the node's heap (its objects, buffers and garbage come on top: bench/
@@ -64,7 +64,7 @@ for name in sys.argv[1:]:
 
 
 def costs(modules, build_dir):
-    """{module: (heap bytes, new qstrs)} for importing modules in order in one unix-port process."""
+    """{module: (heap bytes, new qstrs)}, importing modules in order in one unix-port process."""
     out = subprocess.run(
         [build.tool("micropython"), "-X", "heapsize=512K", "-c", SCRIPT, *modules],
         cwd=build_dir,

@@ -176,7 +176,12 @@ class BME280:
         adc_t = (d[3] << 12) | (d[4] << 4) | (d[5] >> 4)  # 5.4.8 temp[19:0]
         adc_h = (d[6] << 8) | d[7]  # 5.4.9 hum[15:0]
         if adc_t == _ADC_SKIPPED or adc_p == _ADC_SKIPPED or adc_h == _ADC_H_SKIPPED:
-            self._check_not_skipped(adc_t, adc_p, adc_h)
+            from firmware import bme280_calib, unload  # rare: its code is not kept resident
+
+            try:
+                bme280_calib.check_not_skipped(self, adc_t, adc_p, adc_h)
+            finally:
+                unload("bme280_calib")
         cal = self.calibration
         tf = t_fine(cal, adc_t)
         p_q8 = pressure_q24_8(cal, adc_p, tf)
@@ -185,28 +190,6 @@ class BME280:
             print("bme280: adc", adc_t, adc_p, adc_h, "t_fine", tf)
         # Round Q22.10 %RH to 0.01 %RH and Q24.8 Pa to Pa, half up
         return temperature_centi(tf), (h_q10 * 100 + 512) >> 10, (p_q8 + 128) >> 8
-
-    def _check_not_skipped(self, adc_t, adc_p, adc_h):
-        # A reset value (Table 18) is also a possible reading (0x80000 is ~26 degC): it means
-        # "skipped" only if that measurement's oversampling is off, i.e. the chip lost its
-        # settings (a reset or a dropped ctrl_hum write). Read them back to tell (5.4.3, 5.4.5).
-        try:
-            ctrl = self._i2c.readfrom_mem(self.address, _REG_CTRL_HUM, 3)  # 0xF2..0xF4
-        except OSError as e:
-            raise self._bus_error(e)  # noqa: B904
-        osrs_h = ctrl[0] & 0x07
-        osrs_t = ctrl[2] >> 5
-        osrs_p = (ctrl[2] >> 2) & 0x07
-        if (
-            (adc_h == _ADC_H_SKIPPED and not osrs_h)
-            or (adc_t == _ADC_SKIPPED and not osrs_t)
-            or (adc_p == _ADC_SKIPPED and not osrs_p)
-        ):
-            raise SensorError(
-                "bme280: measurement skipped at 0x%02x (ctrl_hum 0x%02x ctrl_meas 0x%02x; "
-                "raw T 0x%05x P 0x%05x H 0x%04x)"
-                % (self.address, ctrl[0], ctrl[2], adc_t, adc_p, adc_h)
-            )
 
     def _measure(self):
         # Forced mode: ctrl_hum first, since it only latches on the following ctrl_meas write

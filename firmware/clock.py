@@ -14,8 +14,16 @@
 # first format's "<boot> <offset>" lines are still read. Reading it and placing a new boot on the
 # RTC is boot-time code: firmware/wiring.py open_clock(), unloaded after boot.
 
-_KEEP = 8  # boots remembered (older journal records are unplaceable)
-_STEP_MS = 2000  # a re-sync that moves the offset by more than this is logged and persisted
+try:
+    from micropython import const
+except ImportError:  # CPython: host tests import this file unchanged
+
+    def const(x):
+        return x
+
+
+_KEEP = const(8)  # boots remembered (older journal records are unplaceable)
+_STEP_MS = const(2000)  # a re-sync that moves the offset by more than this is logged and persisted
 
 
 class Clock:

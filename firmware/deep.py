@@ -26,7 +26,7 @@ _HEAD_LEN = 10
 def state(node):
     """What the node keeps through a deep sleep, as bytes (bringup.prepare reads the boot count,
     wiring.py the sequence state, restore() the rest)."""
-    vals = [node.boot[0]] + list(node.seq.state())
+    vals = [node.boot[0]] + list(node.seq)
     vals += [node.cycles, node.awake_ms_total, node._misses, node._backoff, node._status_due]
     vals += [node.stats[k] for k in _KEPT]
     return struct.pack(_HEAD + "%dI" % (len(vals) - 3), *vals)

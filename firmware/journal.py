@@ -33,15 +33,11 @@
 # and a torn last record is cut off at boot. A lost oldest file cannot be told from an ack.
 # RAM: a few ints and small buffers, whatever the capacity; files are located by index.
 
+import binascii
 import os
 import struct
 
 from firmware import unload
-
-try:
-    import binascii
-except ImportError:  # pragma: no cover
-    import ubinascii as binascii
 
 try:
     from micropython import const
@@ -52,18 +48,17 @@ except ImportError:
 
 
 _ENOENT = const(2)
-_EEXIST = const(17)
 _ENOSPC = const(28)
+_MAGIC = const(0x4A43)  # b"CJ" read as a little-endian u16: no bytes object on the heap
 _VERSION = const(1)
 _RESERVE = const(64)  # see the header: indices an emptying ack may pass the state by
-_INLINE_MAX = const(128)  # littlefs inline_max = cache_size = 4 * max(readsize, progsize) = 128
 _SEG_HEADER = const(12)
-_STATE_SIZE = const(24)
 _STATE_BODY = const(20)
-_MAGIC = b"CJ"
-_STATE_FMT = "<2sBBBBHIII"  # magic, version, record size, T, 0, S, position, dropped, generation
-_SEG_FMT = "<2sBBI"  # magic, version, record size, first index
-_ERRNAMES = {2: "ENOENT", 5: "EIO", 22: "EINVAL", 28: "ENOSPC", 30: "EROFS"}
+# Repeated in journal_open.py and journal_merge.py (const() names are private to a module; a
+# format as a global would cost the running node a dict entry and a name):
+#   state, 24 bytes: "<HBBBBHIII" magic, version, record size, T, 0, S, position, dropped,
+#                    generation; then the CRC-32 of those 20 bytes
+#   segment header:  "<HBBI" magic, version, record size, first index; then its CRC-32
 
 
 class JournalError(Exception):
@@ -81,7 +76,8 @@ def _errno(e):
 
 def _strerror(e):
     n = _errno(e)
-    return "%s (errno %d)" % (_ERRNAMES.get(n, "OSError"), n)
+    name = {2: "ENOENT", 5: "EIO", 22: "EINVAL", 28: "ENOSPC", 30: "EROFS"}.get(n, "OSError")
+    return "%s (errno %d)" % (name, n)
 
 
 class Journal:
@@ -95,51 +91,46 @@ class Journal:
     on-flash layout, like record_channels: a journal is reopened with the values it was made
     with (JournalError otherwise)."""
 
+    # Set by journal_open.boot(); declared for the type checker (bare annotations cost a
+    # MicroPython heap nothing: the compiler drops them).
+    path: str
+    capacity: int
+    channels: int
+    log: object
+    first: int
+    dropped: int
+    corrupt: int
+    merges: int
+    cleaned: int
+    _rec: int
+    _fmt: str
+    _t: int
+    _s: int
+    _buf: bytearray
+    _body: memoryview
+    _ibuf: bytearray
+    _sbuf: bytearray
+    _pos: int
+    _next: int
+    _spos: int
+    _merged: int
+    _gen: int
+    _tail_ok: bool
+
     def __init__(
         self, path="journal", capacity=10080, record_channels=3, log=None, segment_bytes=4096
     ):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError("journal: capacity must be >= 1, got %r" % (capacity,))
-        if not isinstance(record_channels, int) or not 1 <= record_channels <= 16:
-            raise ValueError("journal: record_channels must be 1..16, got %r" % (record_channels,))
-        self.path = path
-        self.capacity = capacity
-        self.channels = record_channels
-        self.log = log
-        rec = 10 + 4 * record_channels
-        self._rec = rec
-        self._fmt = "<HI%di" % record_channels
-        t = _INLINE_MAX // rec or 1
-        self._t = t
-        # S: records per segment, so that a segment fills one 4 KB flash block (a littlefs
-        # file of one block has no skip-list pointers); tests shrink it to merge more often.
-        self._s = t * max(1, (segment_bytes - _SEG_HEADER) // (t * rec))
-        self._buf = bytearray(rec)
-        self._body = memoryview(self._buf)[: rec - 4]
-        self._ibuf = bytearray(4)
-        self._sbuf = bytearray(_STATE_SIZE)  # a state copy; a segment header when reading one
-        self.dropped = 0  # readings dropped because the journal was full (persisted)
-        self.corrupt = 0  # unreadable readings skipped since boot (bad CRC, missing file)
-        self.merges = 0
-        self.cleaned = 0  # leftover files removed at boot (after a power cut)
-        self._pos = 0  # index of the oldest unacknowledged record
-        self._next = 0  # index the next appended record gets
-        self._spos = 0  # the position the state on flash holds
-        self._merged = 0  # records below this index live in segments, above in small files
-        self._gen = 0
-        self._tail_ok = False  # the small file for _next is known to hold exactly what it should
-        from firmware import journal_open  # boot-time code, dropped from the heap after boot
+        # Checking the arguments, the attributes, reading the state, scanning the files:
+        # boot-time code, dropped from the heap after boot (firmware/wiring.py).
+        from firmware import journal_open
 
-        journal_open.boot(self)
-        self.first = self._pos  # peek(): the index of its first record (unreadable ones before)
+        journal_open.boot(self, path, capacity, record_channels, log, segment_bytes)
 
     # --- names and helpers ---------------------------------------------------------------
 
-    def _small(self, base):
-        return "%s/r%08x" % (self.path, base)
-
-    def _segment(self, base):
-        return "%s/s%08x" % (self.path, base)
+    def _file(self, kind, base):
+        """The file whose first record has index base: kind "r" a small file, "s" a segment."""
+        return "%s/%s%08x" % (self.path, kind, base)
 
     def _log(self, level, message, **fields):
         if self.log is not None:
@@ -149,11 +140,6 @@ class Journal:
         struct.pack_into("<I", self._ibuf, 0, index & 0xFFFFFFFF)
         return binascii.crc32(data, binascii.crc32(self._ibuf))
 
-    def _valid(self, index):
-        """Is self._buf a good record for this index?"""
-        stored = struct.unpack_from("<I", self._buf, self._rec - 4)[0]
-        return stored == self._crc(index, self._body)
-
     def _remove(self, name):
         try:
             os.remove(name)
@@ -161,36 +147,33 @@ class Journal:
             if _errno(e) != _ENOENT:
                 raise
 
-    # --- boot: state, scan, clean-up -----------------------------------------------------
+    # --- a segment's header, the state ---------------------------------------------------
 
     def _first(self, f, base, size):
-        """(index of the first record, problem or None) of an open segment of `size` bytes.
-        The header says where it starts; if the header is damaged, the size says it (a
-        segment ends at base + S)."""
+        """Index of the first record of an open segment of `size` bytes. The header says it;
+        if the header is damaged, the size says it (a segment ends at base + S). The header is
+        left in self._sbuf: at boot journal_open.py says what is wrong with it."""
         rec, s = self._rec, self._s
         hdr = self._sbuf
-        by_size = base + s - min(s, max(0, size - _SEG_HEADER) // rec)
         f.seek(0)
-        if f.readinto(hdr) < _SEG_HEADER:
-            return by_size, "no header"
-        if struct.unpack_from("<I", hdr, 8)[0] != binascii.crc32(memoryview(hdr)[:8]):
-            return by_size, "header CRC mismatch"
-        magic, version, size_rec, first = struct.unpack_from(_SEG_FMT, hdr)
-        if magic != _MAGIC or version != _VERSION or size_rec != rec:
-            return by_size, "not a v%d segment of %d-byte records" % (_VERSION, rec)
-        if not base <= first <= base + s:
-            return by_size, "header says first %d, outside %d..%d" % (first, base, base + s)
-        expected = _SEG_HEADER + (base + s - first) * rec
-        if size != expected:
-            return first, "%d bytes, expected %d" % (size, expected)
-        return first, None
+        if f.readinto(hdr) >= _SEG_HEADER:
+            crc = struct.unpack_from("<I", hdr, 8)[0]
+            magic, version, size_rec, first = struct.unpack_from("<HBBI", hdr)
+            if (
+                crc == binascii.crc32(memoryview(hdr)[:8])
+                and magic == _MAGIC
+                and version == _VERSION
+                and size_rec == rec
+                and base <= first <= base + s
+            ):
+                return first
+        return base + s - min(s, max(0, size - _SEG_HEADER) // rec)
 
     def _write_state(self, pos, dropped):
         gen = self._gen + 1
         buf = self._sbuf
-        struct.pack_into(
-            _STATE_FMT, buf, 0, _MAGIC, _VERSION, self._rec, self._t, 0, self._s, pos, dropped, gen
-        )
+        rec, t, s = self._rec, self._t, self._s
+        struct.pack_into("<HBBBBHIII", buf, 0, _MAGIC, _VERSION, rec, t, 0, s, pos, dropped, gen)
         struct.pack_into("<I", buf, _STATE_BODY, binascii.crc32(memoryview(buf)[:_STATE_BODY]))
         name = "%s/state%d" % (self.path, gen & 1)
         try:
@@ -220,16 +203,31 @@ class Journal:
         for v in values:
             if not -0x80000000 <= v <= 0x7FFFFFFF:
                 raise ValueError("journal: value %r out of the signed 32-bit range" % (v,))
+        t = self._t
         pending = self._next - self._pos
         if pending >= self.capacity:
-            self._drop(pending - self.capacity + 1)
+            # Full: forget the oldest, T at a time (one state write per T readings while the
+            # journal is full), and count them.
+            pos = self._pos + pending - self.capacity + 1
+            pos = min(pos + (t - pos % t) % t, self._next)
+            k = pos - self._pos
+            # The node logs the drop (it sees `dropped` grow); here only for debugging.
+            self._log("debug", "full, dropping oldest", n=k, first=self._pos)
+            self._advance(pos, k)
         if not self._tail_ok:
-            self._fix_tail()
+            # The small file this record goes to may hold part of one (a failed write): repair
+            # it with boot-time code, which leaves the heap again (a repair is rare).
+            try:
+                from firmware import journal_open
+
+                journal_open.fix_tail(self)
+            finally:
+                unload("journal_open")
         i = self._next
         buf = self._buf
         struct.pack_into(self._fmt, buf, 0, boot, ms, *values)
         struct.pack_into("<I", buf, self._rec - 4, self._crc(i, self._body))
-        name = self._small(i - i % self._t)
+        name = self._file("r", i - i % t)
         try:
             with open(name, "ab") as f:
                 f.write(buf)
@@ -240,28 +238,23 @@ class Journal:
                 % (i, name, _strerror(e), self._next - self._pos),
                 _errno(e),
             )
-        self._next = i + 1
-        if self._next % self._t == 0:
-            self._merge()
-
-    # --- merge small files into a segment --------------------------------------------------
-
-    def _merge(self):
-        """While the host does not acknowledge, move each full range of S records from the
-        small files into one segment (firmware/journal_merge.py, loaded for it)."""
-        pos, nxt = self._pos, self._next
-        base = max(self._merged, pos - pos % self._s)
-        if nxt < base + self._s or nxt - pos < self._s:
+        nxt = self._next = i + 1
+        if nxt % t:
             return
-        try:
-            from firmware import journal_merge
+        # While the host does not acknowledge, move each full range of S records from the small
+        # files into one segment (firmware/journal_merge.py, loaded for it and dropped after).
+        pos, s = self._pos, self._s
+        base = max(self._merged, pos - pos % s)
+        if nxt >= base + s and nxt - pos >= s:
+            try:
+                from firmware import journal_merge
 
-            journal_merge.merge(self, base)
-        except MemoryError:
-            # Not fatal: the readings are safe in the small files; try again after T more.
-            self._log("warning", "merge postponed: no heap to load it", next=nxt)
-        finally:
-            unload("journal_merge")
+                journal_merge.merge(self, base)
+            except MemoryError:
+                # Not fatal: the readings are safe in the small files; try again after T more.
+                self._log("warning", "merge postponed: no heap to load it", next=nxt)
+            finally:
+                unload("journal_merge")
 
     # --- read and acknowledge --------------------------------------------------------------
 
@@ -277,31 +270,34 @@ class Journal:
             seg = i < self._merged
             if seg:
                 base = i - i % s
-                name = self._segment(base)
                 end = base + s
             else:
                 base = i - i % t
-                name = self._small(base)
                 end = base + t
+            name = self._file("s" if seg else "r", base)
             start = base  # the file's first record
+            f = None
             try:
-                f = open(name, "rb")
-            except OSError as e:
-                if _errno(e) != _ENOENT:
-                    raise JournalError(
-                        "journal: cannot read %s: %s" % (name, _strerror(e)), _errno(e)
-                    )
-                f = None
-                start = end
-            try:
-                if seg and f is not None:
+                try:
+                    f = open(name, "rb")
+                except OSError as e:
+                    if _errno(e) != _ENOENT:
+                        raise
+                    start = end  # a missing file: its records are unreadable
+                if f is None:
+                    pass
+                elif seg:
                     f.seek(0, 2)
-                    start = self._first(f, base, f.tell())[0]
+                    start = self._first(f, base, f.tell())
                     f.seek(_SEG_HEADER + (max(i, start) - start) * rec)
-                elif f is not None:
+                else:
                     f.seek((i - base) * rec)
                 while i < end and i < lim:
-                    if i >= start and f.readinto(buf) == rec and self._valid(i):
+                    if (
+                        i >= start
+                        and f.readinto(buf) == rec
+                        and struct.unpack_from("<I", buf, rec - 4)[0] == self._crc(i, self._body)
+                    ):
                         if first < 0:
                             first = i
                             if rows is not None:
@@ -358,20 +354,6 @@ class Journal:
             self._log("error", "skipped unreadable readings", n=bad, first=old, last=end - 1)
         self._advance(end, 0)
 
-    def _drop(self, n):
-        """Make room: forget at least n of the oldest readings, T at a time (one state write
-        per T readings while the journal is full), and count them."""
-        t = self._t
-        pos = self._pos + n
-        pos += (t - pos % t) % t
-        if pos > self._next:
-            pos = self._next
-        k = pos - self._pos
-        # The node logs the drop (it sees `dropped` grow); here only for debugging.
-        if self.log is not None:
-            self.log.debug("journal", "full, dropping oldest", n=k, first=self._pos)
-        self._advance(pos, k)
-
     def _advance(self, pos, dropped):
         """Make pos the oldest unacknowledged index (and add to the dropped count), durably,
         and remove the files below it."""
@@ -421,27 +403,17 @@ class Journal:
         s, t = self._s, self._t
         base = old - old % s
         while base < self._merged and base + s <= pos:
-            self._remove(self._segment(base))
+            self._remove(self._file("s", base))
             base += s
         base = max(old - old % t, self._merged)
         while base + t <= pos:
-            self._remove(self._small(base))
+            self._remove(self._file("r", base))
             base += t
 
-    # --- telemetry and repair (code in journal_open, loaded when needed) -----------------
+    # --- telemetry (code in journal_open, loaded for it) ----------------------------------
 
     def stats(self):
         """Counters and what is on flash (pending, dropped, corrupt, segments, bytes ...)."""
-        return _boot_code().stats(self)
+        from firmware import journal_open
 
-    def _fix_tail(self):
-        try:
-            _boot_code().fix_tail(self)
-        finally:
-            unload("journal_open")  # a repair is rare: its code leaves the heap again
-
-
-def _boot_code():
-    from firmware import journal_open
-
-    return journal_open
+        return journal_open.stats(self)

@@ -7,13 +7,7 @@ import binascii
 import os
 import struct
 
-from firmware.journal import (
-    _MAGIC,
-    _STATE_FMT,
-    JournalError,
-    _errno,
-    _strerror,
-)
+from firmware.journal import JournalError, _errno, _strerror
 
 try:
     from micropython import const
@@ -23,17 +17,51 @@ except ImportError:
         return x
 
 
-# const() names are private to their module on MicroPython: these repeat journal.py's values.
+# const() names are private to their module on MicroPython: these repeat journal.py's values,
+# and the state's and the segment header's formats (journal.py says what they hold).
 _ENOENT = const(2)
 _EEXIST = const(17)
+_MAGIC = const(0x4A43)  # b"CJ" as a little-endian u16
 _VERSION = const(1)
+_INLINE_MAX = const(128)  # littlefs inline_max = cache_size = 4 * max(readsize, progsize) = 128
 _SEG_HEADER = const(12)
 _STATE_SIZE = const(24)
 _STATE_BODY = const(20)
 _RESERVE = const(64)
 
 
-def boot(self):
+def boot(self, path, capacity, record_channels, log, segment_bytes):
+    """Journal(): check the arguments, set up the journal, read its state and files."""
+    if not isinstance(capacity, int) or capacity < 1:
+        raise ValueError("journal: capacity must be >= 1, got %r" % (capacity,))
+    if not isinstance(record_channels, int) or not 1 <= record_channels <= 16:
+        raise ValueError("journal: record_channels must be 1..16, got %r" % (record_channels,))
+    self.path = path
+    self.capacity = capacity
+    self.channels = record_channels
+    self.log = log
+    rec = 10 + 4 * record_channels
+    self._rec = rec
+    self._fmt = "<HI%di" % record_channels
+    t = _INLINE_MAX // rec or 1
+    self._t = t
+    # S: records per segment, so that a segment fills one 4 KB flash block (a littlefs
+    # file of one block has no skip-list pointers); tests shrink it to merge more often.
+    self._s = t * max(1, (segment_bytes - _SEG_HEADER) // (t * rec))
+    self._buf = bytearray(rec)
+    self._body = memoryview(self._buf)[: rec - 4]
+    self._ibuf = bytearray(4)
+    self._sbuf = bytearray(_STATE_SIZE)  # a state copy; a segment header when reading one
+    self.dropped = 0  # readings dropped because the journal was full (persisted)
+    self.corrupt = 0  # unreadable readings skipped since boot (bad CRC, missing file)
+    self.merges = 0
+    self.cleaned = 0  # leftover files removed at boot (after a power cut)
+    self._pos = 0  # index of the oldest unacknowledged record
+    self._next = 0  # index the next appended record gets
+    self._spos = 0  # the position the state on flash holds
+    self._merged = 0  # records below this index live in segments, above in small files
+    self._gen = 0
+    self._tail_ok = False  # the small file for _next is known to hold exactly what it should
     try:
         os.mkdir(self.path)
     except OSError as e:
@@ -87,6 +115,7 @@ def boot(self):
         first=self._pos,
         files=files,
     )
+    self.first = self._pos  # peek(): the index of its first record (unreadable ones before)
 
 
 def _scan(self, report):
@@ -135,20 +164,37 @@ def _scan(self, report):
 
 
 def _check_segment(self, name, base, size, report):
-    """Index of a segment's first record; logs what is wrong with the file."""
+    """Index of a segment's first record (Journal._first); logs what is wrong with the file."""
+    path = self.path + "/" + name
     try:
-        with open(self.path + "/" + name, "rb") as f:
-            first, problem = self._first(f, base, size)
+        with open(path, "rb") as f:
+            first = self._first(f, base, size)
+        problem = _problem(self, base, size, first)
     except OSError as e:
         first, problem = base + self._s, "unreadable (%s)" % _strerror(e)
     if problem and report:
-        self._log(
-            "error",
-            "bad segment, records checked one by one",
-            file=self.path + "/" + name,
-            why=problem,
-        )
+        self._log("error", "bad segment, records checked one by one", file=path, why=problem)
     return first
+
+
+def _problem(self, base, size, first):
+    """What is wrong with a segment whose header Journal._first() left in self._sbuf, or None.
+    _first() decides where its records start (it runs on every read); this says why."""
+    rec, s = self._rec, self._s
+    hdr = self._sbuf
+    if size < _SEG_HEADER:
+        return "no header"
+    if struct.unpack_from("<I", hdr, 8)[0] != binascii.crc32(memoryview(hdr)[:8]):
+        return "header CRC mismatch"
+    magic, version, size_rec, start = struct.unpack_from("<HBBI", hdr)
+    if magic != _MAGIC or version != _VERSION or size_rec != rec:
+        return "not a v%d segment of %d-byte records" % (_VERSION, rec)
+    if not base <= start <= base + s:
+        return "header says first %d, outside %d..%d" % (start, base, base + s)
+    expected = _SEG_HEADER + (base + s - first) * rec
+    if size != expected:
+        return "%d bytes, expected %d" % (size, expected)
+    return None
 
 
 def _read_state(self):
@@ -169,7 +215,7 @@ def _read_state(self):
         if n != _STATE_SIZE or crc != binascii.crc32(memoryview(buf)[:_STATE_BODY]):
             bad.append(name)
             continue
-        magic, version, rec, t, _, s, pos, dropped, gen = struct.unpack_from(_STATE_FMT, buf)
+        magic, version, rec, t, _, s, pos, dropped, gen = struct.unpack_from("<HBBBBHIII", buf)
         if magic != _MAGIC or version != _VERSION:
             bad.append(name)
             continue
@@ -255,7 +301,7 @@ def fix_tail(self):
     rec = self._rec
     nxt = self._next
     base = nxt - nxt % self._t
-    name = self._small(base)
+    name = self._file("r", base)
     want = (nxt - base) * rec
     try:
         size = os.stat(name)[6]

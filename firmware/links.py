@@ -3,11 +3,19 @@
 # gateway node of ours in lora_link.py (a module of its own: a Wi-Fi node does not load it).
 
 
+try:
+    from micropython import const
+except ImportError:  # CPython
+
+    def const(x):
+        return x
+
+
 # Longest downlink a node reads. The host acks one frame at a time (one range: at most 22
 # bytes); 64 bytes take an ack of up to four ranges (SPEC.md "ACK frame"). A smaller read
 # than MAX_FRAME because recv() allocates its whole buffer, and late in a long run the heap
 # may have no 256-byte hole left (a MemoryError and a reset, in a 68 KB heap).
-_ACK_MAX = 64
+_ACK_MAX = const(64)
 
 
 class UdpLink:

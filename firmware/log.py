@@ -9,11 +9,11 @@ except ImportError:
         return x
 
 
-DEBUG = const(0)
-INFO = const(1)
-WARNING = const(2)
-ERROR = const(3)
-_LETTERS = "DIWE"
+DEBUG = const(0)  # Log(level=DEBUG) shows every line (tests); the node logs from INFO up
+_INFO = const(1)
+_WARNING = const(2)
+_ERROR = const(3)
+_LETTERS = const("DIWE")
 
 
 _KEEP = const(8)  # lines kept in RAM for the post-mortem file
@@ -28,7 +28,7 @@ class Log:
     error) so that the next boot can show them (bringup.dump_log()).
     """
 
-    def __init__(self, ticks_ms, level=INFO, out=print):
+    def __init__(self, ticks_ms, level=_INFO, out=print):
         self._ticks_ms = ticks_ms
         self.level = level
         self._out = out
@@ -89,10 +89,10 @@ class Log:
         self._write(DEBUG, subsystem, message, fields)
 
     def info(self, subsystem, message, **fields):
-        self._write(INFO, subsystem, message, fields)
+        self._write(_INFO, subsystem, message, fields)
 
     def warning(self, subsystem, message, **fields):
-        self._write(WARNING, subsystem, message, fields)
+        self._write(_WARNING, subsystem, message, fields)
 
     def error(self, subsystem, message, **fields):
-        self._write(ERROR, subsystem, message, fields)
+        self._write(_ERROR, subsystem, message, fields)

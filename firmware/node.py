@@ -15,9 +15,6 @@ except ImportError:
         return x
 
 
-_major, _minor, _patch = FW_VERSION.split(".")
-# major * 10000 + minor * 100 + patch (SPEC.md, status field 7)
-FW_VERSION_INT = int(_major) * 10000 + int(_minor) * 100 + int(_patch)
 _MAX_AGE_MS = const(0x7FFFFFFF)
 _HOUR_MS = const(3600000)
 
@@ -29,7 +26,7 @@ class Node:
         self.cfg = cfg
         self.board = board
         self.log = log
-        self.seq = sequence
+        self.seq = sequence  # (next seq, reserved bound): firmware/status.py takes them
         self.journal = journal
         self.link = link
         self.clock = clock
@@ -69,22 +66,17 @@ class Node:
 
     # --- sensor -------------------------------------------------------------------------
 
-    def _open_sensor(self):
-        try:
-            self.sensor = bme280.BME280(
-                self.board.i2c(), self.board.BME280_ADDRESS, sleep_ms=self.board.sleep_ms
-            )
-            self.log.info("sensor", "bme280 ready", address="0x%02x" % self.board.BME280_ADDRESS)
-        except bme280.SensorError as e:
-            self.sensor = None
-            self.stats["sensor_faults"] += 1
-            self.log.error("sensor", str(e))
-
     def sample(self):
-        if self.sensor is None:
-            self._open_sensor()
-            if self.sensor is None:
+        if self.sensor is None:  # a BME280 that failed: probe it again
+            try:
+                self.sensor = bme280.BME280(
+                    self.board.i2c(), self.board.BME280_ADDRESS, sleep_ms=self.board.sleep_ms
+                )
+            except bme280.SensorError as e:
+                self.stats["sensor_faults"] += 1
+                self.log.error("sensor", str(e))
                 return False
+            self.log.info("sensor", "bme280 ready", address="0x%02x" % self.board.BME280_ADDRESS)
         try:
             values = self.sensor.read()
         except bme280.SensorError as e:
@@ -184,7 +176,12 @@ class Node:
                     break  # send what is placeable; the rest waits
                 if self.clock.offset() is None:
                     return readings, ages, 0, None
-                return readings, ages, self._count_unplaceable(records), None
+                n = 0  # how many leading records no clock places
+                for boot, ms, _ in records:
+                    if self.clock.age_ms(boot, ms, 0) is not None:
+                        break
+                    n += 1
+                return readings, ages, n, None
             age = min(max(0, age), last)  # clock offsets are +-1 s: keep the order
             last = age
             readings.append(values)
@@ -193,35 +190,22 @@ class Node:
             return self.sensor.frame(readings, ages)
         return readings, ages, 0, frame.BME280_CHANNELS
 
-    def _count_unplaceable(self, records):
-        n = 0
-        for boot, ms, _ in records:
-            if self.clock.age_ms(boot, ms, 0) is not None:
-                break
-            n += 1
-        return n
-
     def _troubles(self):
         """What a STATUS frame tells a maintainer had better be told soon: sensor faults and
         readings dropped (journal full, or from a boot without time)."""
         return self.stats["sensor_faults"] + self.journal.dropped + self.stats["unplaceable"]
 
     def send_status(self):
-        fields = {
-            1: self.boot[0],
-            2: self.boot[1],
-            3: gc.mem_free(),
-            4: len(self.journal),
-            5: self.journal.dropped + self.stats["unplaceable"],
-            6: self.link.rssi,
-            7: FW_VERSION_INT,
-            8: self.stats["sensor_faults"],
-            9: self.board.ticks_ms() // 1000,
-        }
-        seq = self.seq.take()  # v2: status frames alone take seqs (a reading has its index)
-        if self.cfg.sensors:  # faults per sensor (firmware/sensors.py, SPEC.md fields 10-13)
-            self.sensor.update(fields)
-        data = frame.encode_status(self.signer, self.cfg.node_id, seq, fields, self._frame_buf)
+        # Rare (at boot, every status_every_s, after trouble): the frame's code and the sequence
+        # counter's are loaded to build one and dropped after (firmware/README.md). The free
+        # heap reported is the running node's, taken before they load.
+        free = gc.mem_free()
+        from firmware import status, unload
+
+        try:
+            data, seq = status.encode(self, free)
+        finally:
+            unload("status", "seq")
         return self._transmit(data, seq, 0)
 
     def _transmit(self, data, first, n):

@@ -6,6 +6,10 @@
 # bytes: 42 4D, frame length 28 (big-endian), 13 data words, a 16-bit checksum = the sum of the
 # 30 bytes before it. Commands are 7 bytes: 42 4D cmd dataH dataL, checksum of those five.
 
+# No frame, only garbage, a bad checksum: SensorError, its message starting with "pms5003:" (the
+# BME280's class, which every node holds: one of its own would cost the heap a class).
+from firmware.bme280 import SensorError
+
 try:
     from micropython import const
 except ImportError:  # CPython: host tests import this file unchanged
@@ -25,13 +29,8 @@ _SLEEP = const(0xE4)  # 0 sleep, 1 wake up
 _LINE_MS = const(40)  # a 32-byte frame's time on the line and the sensor's answer: wait it once
 _POLL_MS = const(10)
 _WAIT_MS = const(300)
-SPINUP_MS = const(30000)  # "at least 30 seconds after the sensor wakeup" (appendix I)
-CHANNELS = (4, 5)
-
-
-class SensorError(Exception):
-    # No frame, only garbage, a bad checksum: the message starts with "pms5003:".
-    pass
+# "at least 30 seconds after the sensor wakeup" (appendix I): firmware/sensors.py wakes it 30 s
+# before a sample; channels 4, 5
 
 
 class PMS5003:
@@ -48,18 +47,57 @@ class PMS5003:
         self._cmd[1] = _START2
         self._frame = bytearray(_FRAME)
         self._one = bytearray(1)
-        self.garbage = 0
-        self.bad_frames = 0
         self.wake()
         self.read()  # answers: it is there, and in passive mode
 
     def read(self):
-        # (PM2.5, PM10) in 0.1 ug/m3, asked once more after noise on the line.
-        try:
-            f = self._ask()
-        except SensorError:
-            f = self._ask()
-        return ((f[12] << 8) | f[13]) * 10, ((f[14] << 8) | f[15]) * 10
+        # (PM2.5, PM10) in 0.1 ug/m3 from one frame; asked once more after noise on the line.
+        uart, one, f = self._uart, self._one, self._frame
+        for _ in range(2):
+            self._command(_READ, 0)
+            pos = 0
+            self._sleep_ms(_LINE_MS)
+            waited = _LINE_MS
+            skipped = 0
+            bad = 0
+            while True:
+                if not uart.readinto(one, 1):
+                    if waited >= _WAIT_MS:
+                        break
+                    self._sleep_ms(_POLL_MS)
+                    waited += _POLL_MS
+                    continue
+                b = one[0]
+                if (pos == 0 and b != _START1) or (pos == 1 and b != _START2):
+                    skipped += pos + 1
+                    pos = 1 if b == _START1 else 0
+                    if pos:
+                        f[0] = b
+                        skipped -= 1
+                    continue
+                f[pos] = b
+                pos += 1
+                if pos == 4 and (f[2] << 8 | f[3]) != _LENGTH:
+                    skipped += 4  # not a data frame (the answer to a command is 8 bytes): resync
+                    pos = 0
+                    continue
+                if pos < _FRAME:
+                    continue
+                pos = 0
+                s = 0
+                for i in range(30):
+                    s += f[i]
+                if (f[30] << 8 | f[31]) != s:
+                    bad += 1
+                    continue
+                return ((f[12] << 8) | f[13]) * 10, ((f[14] << 8) | f[15]) * 10
+        if bad:
+            why = "%d frame(s) with a bad checksum" % bad
+        elif skipped:
+            why = "%d byte(s) of garbage" % skipped
+        else:
+            why = "nothing"
+        raise SensorError("pms5003: no frame on %s in %d ms (%s)" % (self._name, _WAIT_MS, why))
 
     def sleep(self):
         self._command(_SLEEP, 0)
@@ -85,54 +123,3 @@ class PMS5003:
             uart.write(c)
         except OSError as e:
             raise SensorError("pms5003: cannot write to %s (OSError %s)" % (self._name, e))
-
-    def _ask(self):
-        self._command(_READ, 0)
-        uart, one, f = self._uart, self._one, self._frame
-        pos = 0
-        self._sleep_ms(_LINE_MS)
-        waited = _LINE_MS
-        skipped = 0
-        bad = 0
-        while True:
-            if not uart.readinto(one, 1):
-                if waited >= _WAIT_MS:
-                    break
-                self._sleep_ms(_POLL_MS)
-                waited += _POLL_MS
-                continue
-            b = one[0]
-            if (pos == 0 and b != _START1) or (pos == 1 and b != _START2):
-                skipped += pos + 1
-                pos = 1 if b == _START1 else 0
-                if pos:
-                    f[0] = b
-                    skipped -= 1
-                continue
-            f[pos] = b
-            pos += 1
-            if pos == 4 and (f[2] << 8 | f[3]) != _LENGTH:
-                skipped += 4  # not a data frame (the answer to a command is 8 bytes): resync
-                pos = 0
-                continue
-            if pos < _FRAME:
-                continue
-            pos = 0
-            s = 0
-            for i in range(30):
-                s += f[i]
-            if (f[30] << 8 | f[31]) != s:
-                bad += 1
-                continue
-            self.garbage += skipped
-            self.bad_frames += bad
-            return f
-        self.garbage += skipped
-        self.bad_frames += bad
-        if bad:
-            why = "%d frame(s) with a bad checksum" % bad
-        elif skipped:
-            why = "%d byte(s) of garbage" % skipped
-        else:
-            why = "nothing"
-        raise SensorError("pms5003: no frame on %s in %d ms (%s)" % (self._name, _WAIT_MS, why))

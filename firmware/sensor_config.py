@@ -3,19 +3,18 @@
 
 from firmware.config import ConfigError
 
-# keys each type takes
-SENSOR_KEYS = {
-    "bme280": ("type",),
-    "sds011": ("type", "uart"),
-    "pms5003": ("type", "uart"),
-    "sps30": ("type",),
-}
-
 
 def parse(raw):
     """The sensors of config "sensors" (firmware/sensors.py): at most one BME280 and one
     particulate sensor (both PM ones would give channels 4 and 5 twice); the BME280 alone is
     (): today's node, byte for byte."""
+    # keys each type takes (a local: a global's name would be a qstr, kept for good)
+    keys = {
+        "bme280": ("type",),
+        "sds011": ("type", "uart"),
+        "pms5003": ("type", "uart"),
+        "sps30": ("type",),
+    }
     sensors = raw["sensors"]
     if not isinstance(sensors, list) or not sensors:
         raise ConfigError(
@@ -25,16 +24,16 @@ def parse(raw):
     pm = None
     for i, s in enumerate(sensors):
         kind = s.get("type") if isinstance(s, dict) else None
-        if kind not in SENSOR_KEYS:
+        if kind not in keys:
             raise ConfigError(
                 "config: sensors[%d] must be an object with type one of %s, got %r"
-                % (i, ", ".join(SENSOR_KEYS), s)
+                % (i, ", ".join(keys), s)
             )
         for key in s:
-            if key not in SENSOR_KEYS[kind]:
+            if key not in keys[kind]:
                 raise ConfigError(
                     "config: sensors[%d] (%s): unknown key %r (known: %s)"
-                    % (i, kind, key, ", ".join(SENSOR_KEYS[kind]))
+                    % (i, kind, key, ", ".join(keys[kind]))
                 )
         if kind == "bme280":
             if 1 in channels:
@@ -48,7 +47,7 @@ def parse(raw):
             )
         pm = kind
         channels.extend((4, 5))
-        if "uart" in SENSOR_KEYS[kind]:
+        if "uart" in keys[kind]:
             uart = s.get("uart")
             if not isinstance(uart, int) or isinstance(uart, bool) or not 0 <= uart <= 2:
                 raise ConfigError(

@@ -26,6 +26,7 @@ _ABSENT = const(-0x3FFFFFFF)
 _SPINUP_MS = const(30000)
 _MARGIN_MS = const(10000)  # sleep the PM sensor only if it would stay asleep this long
 _LATE_MS = const(1000)  # a lightsleep may end a little early: still spun up
+_SPS30_ADDRESS = const(0x69)  # its only one (SPS30 datasheet 6)
 
 
 class Sensors:
@@ -35,42 +36,36 @@ class Sensors:
     # _SPINUP_MS before.
 
     def __init__(self, cfg, board, log, stats):
-        self._specs = cfg.sensors
+        self.cfg = cfg
         self.channels = channels(cfg.sensors)
         self._board = board
         self._log = log
         self.stats = stats  # the node's counters: sensor_faults counts every sensor's
-        n = len(self._specs)
+        n = len(cfg.sensors)
         self._drivers = [None] * n  # type: list
         self.faults = [0] * n
         self._pm = -1
-        for i in range(n):
-            if self._specs[i]["type"] != "bme280":
-                self._pm = i
-        # sleep the PM sensor between samples only when the interval leaves time to
-        self._duty = cfg.interval_s * 1000 > _SPINUP_MS + _MARGIN_MS
         self._woke = None  # board ms at which the PM sensor was woken; None: asleep
         for i in range(n):
+            if cfg.sensors[i]["type"] != "bme280":
+                self._pm = i
             self._open(i)
 
     def _open(self, i):
-        spec = self._specs[i]
+        spec = self.cfg.sensors[i]
         kind = spec["type"]
+        uart = spec.get("uart")  # the serial ones'; the others are on the I2C bus
         board = self._board
         try:
-            if kind == "bme280":
-                from firmware.bme280 import BME280
-
-                where = "i2c 0x%02x" % board.BME280_ADDRESS
-                d = BME280(board.i2c(), board.BME280_ADDRESS, sleep_ms=board.sleep_ms)
-            else:  # firmware/<kind>.py, class <KIND>(bus, sleep_ms[, name]); opens awake
-                cls = getattr(__import__("firmware." + kind, None, None, (kind,)), kind.upper())
-                if kind == "sps30":
-                    where = "i2c 0x69"
-                    d = cls(board.i2c(), board.sleep_ms)
-                else:
-                    where = "uart %d" % spec["uart"]
-                    d = cls(board.uart(spec["uart"]), board.sleep_ms, where)
+            # firmware/<kind>.py, class <KIND>: opens it (awake) or raises
+            cls = getattr(__import__("firmware." + kind, None, None, (kind,)), kind.upper())
+            if uart is None:
+                address = board.BME280_ADDRESS if kind == "bme280" else _SPS30_ADDRESS
+                where = "i2c 0x%02x" % address
+                d = cls(board.i2c(), address=address, sleep_ms=board.sleep_ms)
+            else:
+                where = "uart %d" % uart
+                d = cls(board.uart(uart), board.sleep_ms, where)
         except MemoryError:
             raise
         except Exception as e:  # the driver's SensorError, a bus error: count, go on
@@ -83,6 +78,8 @@ class Sensors:
         return d
 
     def _fault(self, i, e):
+        # count it; the sensor is opened again at the next sample
+        self._drivers[i] = None
         self.faults[i] += 1
         self.stats["sensor_faults"] += 1
         self._log.error("sensor", str(e) or type(e).__name__)
@@ -91,13 +88,14 @@ class Sensors:
         values = [_ABSENT] * len(self.channels)
         got = False
         at = 0
-        for i in range(len(self._specs)):
-            width = 3 if self._specs[i]["type"] == "bme280" else 2
+        pm = self._pm
+        for i in range(len(self.cfg.sensors)):
+            width = 3 if self.cfg.sensors[i]["type"] == "bme280" else 2
             d = self._drivers[i]
             if d is None:
                 d = self._open(i)
             if d is not None and (
-                i != self._pm
+                i != pm
                 or (  # a PM sensor counts once its fan has run _SPINUP_MS
                     self._woke is not None
                     and self._board.ticks_ms() - self._woke >= _SPINUP_MS - _LATE_MS
@@ -109,28 +107,23 @@ class Sensors:
                     raise
                 except Exception as e:
                     self._fault(i, e)
-                    self._drivers[i] = None  # opened again at the next sample
                 else:
                     for k in range(width):
                         values[at + k] = v[k]
                     got = True
             at += width
-        if self._duty:
-            self._pm_sleep()
+        # sleep the PM sensor until idle_ms() wakes it, if the interval leaves time to
+        if self.cfg.interval_s * 1000 > _SPINUP_MS + _MARGIN_MS and self._woke is not None:
+            self._woke = None
+            d = self._drivers[pm]
+            try:
+                if d is not None:
+                    d.sleep()
+            except MemoryError:
+                raise
+            except Exception as e:
+                self._fault(pm, e)
         return tuple(values) if got else None
-
-    def _pm_sleep(self):
-        d = self._drivers[self._pm] if self._pm >= 0 else None
-        if d is None or self._woke is None:
-            return
-        self._woke = None
-        try:
-            d.sleep()
-        except MemoryError:
-            raise
-        except Exception as e:
-            self._fault(self._pm, e)
-            self._drivers[self._pm] = None
 
     def idle_ms(self, ms):
         # board.idle_ms(ms), waking the PM sensor _SPINUP_MS before the next sample; False
@@ -152,7 +145,6 @@ class Sensors:
             raise
         except Exception as e:
             self._fault(self._pm, e)
-            self._drivers[self._pm] = None
         return idle_ms(ms)
 
     # (method names node.py calls are qstrs a BME280-only node holds too: names it has already)
@@ -164,16 +156,16 @@ class Sensors:
 
     def update(self, fields):
         # Add each sensor's faults since boot to a STATUS frame's fields.
-        for i in range(len(self._specs)):
+        for i in range(len(self.cfg.sensors)):
             # STATUS field of each kind's faults (SPEC.md "STATUS frame"): 10 + its place here
-            kind = ("bme280", "sds011", "pms5003", "sps30").index(self._specs[i]["type"])
+            kind = ("bme280", "sds011", "pms5003", "sps30").index(self.cfg.sensors[i]["type"])
             fields[10 + kind] = self.faults[i]
 
 
-def channels(specs):
+def channels(sensors):
     # SPEC.md channel ids of a reading, in the order of config "sensors"
     out = ()  # type: tuple
-    for spec in specs:
+    for spec in sensors:
         out += (1, 2, 3) if spec["type"] == "bme280" else (4, 5)
     return out
 
@@ -195,11 +187,15 @@ def present(channels, readings, ages):
             n += 1
             continue
         break
-    keep = [j for j in range(width) if first[j] != _ABSENT]
-    if len(keep) == width and n == len(readings):
+    if _ABSENT not in first and n == len(readings):
         return channels, readings, ages
-    return (
-        tuple(channels[j] for j in keep),
-        [tuple(r[j] for j in keep) for r in readings[:n]],
-        ages[:n],
-    )
+    # the channels, then each reading, with only the places first has a value in
+    # (loops, not comprehensions: each of those would be code of its own on the heap)
+    out = []
+    for r in [channels] + readings[:n]:
+        v = []
+        for j in range(width):
+            if first[j] != _ABSENT:
+                v.append(r[j])
+        out.append(tuple(v))
+    return out[0], out[1:], ages[:n]

@@ -6,6 +6,10 @@
 # travel in 16-bit words, each followed by its CRC-8 (6.2: polynomial 0x31, init 0xFF, no final
 # XOR; CRC(0xBEEF) = 0x92). Integer output (format 0x05) needs firmware 2.0 or later.
 
+# No device, a CRC error, no measurement: SensorError, its message starting with "sps30:" (the
+# BME280's class, which every node holds: one of its own would cost the heap a class).
+from firmware.bme280 import SensorError
+
 try:
     from micropython import const
 except ImportError:  # CPython: host tests import this file unchanged
@@ -14,7 +18,7 @@ except ImportError:  # CPython: host tests import this file unchanged
         return x
 
 
-ADDRESS = const(0x69)
+_ADDRESS = const(0x69)
 _START = const(0x0010)  # 6.3.1, argument: output format 0x05 (uint16), 0x00
 _STOP = const(0x0104)  # 6.3.2
 _READY = const(0x0202)  # 6.3.3: 0x00, flag, CRC
@@ -25,13 +29,8 @@ _FORMAT_UINT16 = const(0x05)
 _CMD_MS = const(20)  # execution time of start/stop (6.3); 5 ms for the others
 _READY_POLLS = const(15)  # a new measurement every second (1.1): wait up to 1.5 s for one
 _READY_MS = const(100)
-SPINUP_MS = const(30000)  # 1.1: start-up time up to 30 s at low concentrations
-CHANNELS = (4, 5)
-
-
-class SensorError(Exception):
-    # No device, a CRC error, no measurement: the message starts with "sps30:".
-    pass
+# 1.1: start-up time up to 30 s at low concentrations: firmware/sensors.py wakes it 30 s before
+# a sample
 
 
 def crc8(data, start=0, end=None):
@@ -48,50 +47,44 @@ class SPS30:
     # An SPS30 on a machine.I2C-like bus (writeto, readfrom_into). Opening wakes it and starts
     # measuring; sleep() stops and sleeps it (fan and laser off); wake() starts it again.
 
-    def __init__(self, i2c, sleep_ms, address=ADDRESS):
+    def __init__(self, i2c, sleep_ms, address=_ADDRESS):
         self._i2c = i2c
         self._sleep_ms = sleep_ms
         self.address = address
         self._cmd = bytearray(5)
+        self._cmd[2] = _FORMAT_UINT16  # start's argument (6.3.1), the only one: 05 00, CRC
+        self._cmd[4] = crc8(self._cmd, 2, 4)
         self._cmd2 = memoryview(self._cmd)[:2]  # a command without argument
         self._flag = bytearray(3)
         self._data = bytearray(30)
-        self.crc_errors = 0
         self.wake()
 
     def wake(self):
         for _ in range(2):  # a sleeping sensor wakes at the first and acknowledges the second
             try:
-                self._write(_WAKE, 2)
-            except OSError:
+                self._command(_WAKE)
+            except SensorError:
                 pass
         self._sleep_ms(5)
         try:
-            self._write(_STOP, 2)  # a sensor left measuring (the node reset) must stop first
-        except OSError:
+            self._command(_STOP)  # a sensor left measuring (the node reset) must stop first
+        except SensorError:
             pass
         self._sleep_ms(_CMD_MS)
-        c = self._cmd
-        c[2] = _FORMAT_UINT16
-        c[3] = 0
-        c[4] = crc8(c, 2, 4)
-        self._checked(_START, 5)
+        self._command(_START)
         self._sleep_ms(_CMD_MS)
 
     def sleep(self):
-        self._checked(_STOP, 2)
+        self._command(_STOP)
         self._sleep_ms(_CMD_MS)
-        self._checked(_SLEEP, 2)
+        self._command(_SLEEP)
         self._sleep_ms(5)
 
     def read(self):
         # (PM2.5, PM10) in 0.1 ug/m3: the newest measurement.
         flag = self._flag
         for _ in range(_READY_POLLS):
-            self._checked(_READY, 2)
-            self._sleep_ms(5)
-            self._read_into(flag)
-            self._check(flag, 1)
+            self._command(_READY, flag)
             if flag[1] == 1:
                 break
             self._sleep_ms(_READY_MS)
@@ -101,48 +94,32 @@ class SPS30:
                 % (self.address, _READY_POLLS * (_READY_MS + 5))
             )
         d = self._data
-        for attempt in range(2):  # a CRC error (noise on the bus): read the values again
-            self._checked(_VALUES, 2)
-            self._sleep_ms(5)
-            self._read_into(d)
-            try:
-                self._check(d, 10)
-                break
-            except SensorError:
-                if attempt:
-                    raise
+        try:
+            self._command(_VALUES, d)
+        except SensorError:  # a CRC error (noise on the bus): read the values again
+            self._command(_VALUES, d)
         return ((d[3] << 8) | d[4]) * 10, ((d[9] << 8) | d[10]) * 10
 
-    def _check(self, buf, words):
-        for w in range(words):
-            i = 3 * w
-            if crc8(buf, i, i + 2) != buf[i + 2]:
-                self.crc_errors += 1
-                raise SensorError(
-                    "sps30: CRC error in word %d at 0x%02x (0x%02x%02x crc 0x%02x)"
-                    % (w, self.address, buf[i], buf[i + 1], buf[i + 2])
-                )
-
-    def _write(self, cmd, n):
+    def _command(self, cmd, buf=None):
+        # Write a command (start with its argument) and read its answer into buf, if any,
+        # checking each word's CRC; SensorError on a bus or CRC error.
         c = self._cmd
         c[0] = cmd >> 8
         c[1] = cmd & 0xFF
-        self._i2c.writeto(self.address, self._cmd2 if n == 2 else c)
-
-    def _checked(self, cmd, n):
         try:
-            self._write(cmd, n)
+            self._i2c.writeto(self.address, c if cmd == _START else self._cmd2)
+            if buf is not None:
+                self._sleep_ms(5)
+                self._i2c.readfrom_into(self.address, buf)
         except OSError as e:
             raise SensorError(
                 "sps30: bus error at 0x%02x, command 0x%04x (OSError %s)"
                 % (self.address, cmd, e.args[0] if e.args else "?")
             )
-
-    def _read_into(self, buf):
-        try:
-            self._i2c.readfrom_into(self.address, buf)
-        except OSError as e:
-            raise SensorError(
-                "sps30: bus error reading at 0x%02x (OSError %s)"
-                % (self.address, e.args[0] if e.args else "?")
-            )
+        if buf is not None:
+            for i in range(0, len(buf), 3):
+                if crc8(buf, i, i + 2) != buf[i + 2]:
+                    raise SensorError(
+                        "sps30: CRC error in word %d at 0x%02x (0x%02x%02x crc 0x%02x)"
+                        % (i // 3, self.address, buf[i], buf[i + 1], buf[i + 2])
+                    )

@@ -61,7 +61,8 @@ def _build(cfg, board, log, boot_no, cause, wake):
     from firmware.seq import Sequence
 
     try:
-        sequence = Sequence(resume=_seq_state(wake))
+        # the counter's state only: its code loads again to send a STATUS frame (status.py)
+        sequence = Sequence(resume=_seq_state(wake)).state()
         journal = Journal(
             capacity=cfg.journal_capacity,
             record_channels=3 if group is None else len(group.channels),
@@ -74,7 +75,7 @@ def _build(cfg, board, log, boot_no, cause, wake):
         while board.idle_ms(_RETRY_MS):
             log.error("node", "not sending: flash state unusable", error=str(e))
         return None, log, board, cfg.wdt_ms
-    unload("journal_open")
+    unload("journal_open", "seq")
     gc.collect()
 
     from firmware.node import Node

@@ -2,7 +2,8 @@
 # ACK. A node writes v2 (every reading carries its index); v1 is written only for the vectors.
 # With uplink.py (decode DATA and STATUS) the one implementation of protocols/SPEC.md; pure,
 # sans-IO, and unchanged on MicroPython (ESP32, RP2, unix port) and CPython 3.11+. Split in
-# two so that a node's 64 KB heap holds only the half it runs.
+# two so that a node's 64 KB heap holds only the half it runs: what only a host needs (channel
+# names and scales, the decoders' tables) lives in uplink.py.
 
 try:
     from micropython import const
@@ -31,28 +32,17 @@ MAX_READINGS = const(255)
 # encode_status writes one field past MAX_FRAME, then checks: its buffer is MAX_FRAME + 16
 STATUS_BUF = const(271)
 MAX_U32 = const(0xFFFFFFFF)
-_I32_MIN = -(1 << 31)
-_I32_MAX = (1 << 31) - 1
+_I32_MIN = const(-(1 << 31))
+_I32_MAX = const((1 << 31) - 1)
 RICE_ESCAPE = const(12)  # a Rice quotient this large is sent as an Exp-Golomb escape
 _MAX_K = const(15)  # Rice parameter fits 4 bits
-MAX_UE_ZEROS = const(34)  # an Exp-Golomb code longer than this is malformed
 # Sampling intervals (s) common enough to get a 3-bit code (SPEC.md "Timing").
 _INTERVALS = (10, 30, 60, 120, 300, 600, 900, 3600)
-
-# Channel ids (SPEC.md "Channels"): id -> (quantity, scale, base, k0).
-# value = raw / scale; the first value of a frame is coded as EG_k0(zigzag(raw - base)).
-# Ids without an entry decode with base 0, k0 8 and scale 1, so a v1 decoder can carry a
-# channel added later (as "channel_<id>") without a format change.
-CHANNELS = {
-    1: ("temperature_c", 100, 1500, 11),  # 0.01 degC
-    2: ("humidity_pct", 100, 5000, 12),  # 0.01 %RH
-    3: ("pressure_hpa", 100, 101325, 13),  # 1 Pa = 0.01 hPa
-    4: ("pm2_5_ugm3", 10, 0, 8),  # 0.1 ug/m3
-    5: ("pm10_ugm3", 10, 0, 8),  # 0.1 ug/m3
-    6: ("battery_v", 1000, 0, 8),  # 1 mV
-}
+# How a frame codes a channel's first value, EG_k0(zigzag(raw - base)) (SPEC.md "Channels"):
+# (base, k0) of ids 0..3. Every other id, those of the PM sensors and the battery among them,
+# has base 0 and k0 8. uplink.CHANNELS adds names and scales.
+_FIRST_CODES = ((0, 8), (1500, 11), (5000, 12), (101325, 13))
 BME280_CHANNELS = (1, 2, 3)
-_GENERIC = (0, 8)
 
 
 class FrameError(ValueError):
@@ -63,11 +53,6 @@ class FrameError(ValueError):
         self.reason = reason
 
 
-def _channel_coding(ch):
-    entry = CHANNELS.get(ch)
-    return _GENERIC if entry is None else (entry[2], entry[3])
-
-
 # --- authentication ---------------------------------------------------------------------
 
 
@@ -75,13 +60,18 @@ class Signer:
     """Computes and checks tags: HMAC-SHA256 under a node's 128-bit key, first 4 bytes."""
 
     def __init__(self, key):
-        if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_LEN:
-            raise FrameError("key", "key must be 16 bytes, got %s" % _describe_len(key))
+        ok = isinstance(key, (bytes, bytearray))
+        if not ok or len(key) != KEY_LEN:
+            got = len(key) if ok else type(key).__name__
+            raise FrameError("key", "key must be 16 bytes, got %s" % got)
         self._key = bytes(key)
-        if _hmac is None:
-            block = self._key + bytes(64 - KEY_LEN)
-            self._ipad = bytes(b ^ 0x36 for b in block)
-            self._opad = bytes(b ^ 0x5C for b in block)
+        if _hmac is None:  # the key, zero-padded to SHA-256's 64-byte block, xor 0x36 and 0x5C
+            self._ipad = ipad = bytearray(64)
+            self._opad = opad = bytearray(64)
+            for i in range(64):
+                b = key[i] if i < KEY_LEN else 0
+                ipad[i] = b ^ 0x36
+                opad[i] = b ^ 0x5C
 
     def tag(self, data):
         if _hmac is not None:
@@ -106,44 +96,38 @@ class Signer:
         return end
 
 
-def _describe_len(key):
-    try:
-        return "%d" % len(key)
-    except TypeError:
-        return type(key).__name__
-
-
 # --- bit and byte primitives ------------------------------------------------------------
 
 
 class _BitWriter:
-    """MSB-first bit writer into a bytearray; the accumulator stays a small int."""
+    """MSB-first bit writer into a frame's buffer; the accumulator stays a small int. Bytes
+    past the room the tag leaves are counted, not written: _finish says the frame is too long."""
 
-    def __init__(self, buf, pos, limit):
+    def __init__(self, buf, pos):
         self.buf = buf
-        self.limit = limit  # bytes available before the tag
         self.pos = pos  # byte position of the next whole byte
         self.acc = 0
         self.fill = 0  # bits pending in acc (0..7)
 
     def bits(self, value, n):
+        """The low n bits of value."""
+        acc = self.acc
+        fill = self.fill
         while n > 0:
-            take = 8 - self.fill
+            take = 8 - fill
             if take > n:
                 take = n
             n -= take
-            self.acc = (self.acc << take) | ((value >> n) & ((1 << take) - 1))
-            self.fill += take
-            if self.fill == 8:
-                self._put(self.acc)
-                self.acc = 0
-                self.fill = 0
-
-    def _put(self, byte):
-        if self.pos >= self.limit:
-            raise FrameError("too_long", "frame would exceed %d bytes" % MAX_FRAME)
-        self.buf[self.pos] = byte
-        self.pos += 1
+            acc = (acc << take) | ((value >> n) & ((1 << take) - 1))
+            fill += take
+            if fill == 8:
+                if self.pos < MAX_FRAME - TAG_LEN:
+                    self.buf[self.pos] = acc
+                self.pos += 1
+                acc = 0
+                fill = 0
+        self.acc = acc
+        self.fill = fill
 
     def ue(self, value, k=0):
         """Exp-Golomb code of order k for value >= 0."""
@@ -152,22 +136,6 @@ class _BitWriter:
         self.bits(0, nbits - 1)
         self.bits(m, nbits)
         self.bits(value, k)
-
-    def rice(self, value, k):
-        q = value >> k
-        if q < RICE_ESCAPE:
-            self.bits((1 << (q + 1)) - 2, q + 1)  # q ones then a zero
-            self.bits(value, k)
-        else:
-            self.bits((1 << RICE_ESCAPE) - 1, RICE_ESCAPE)
-            self.ue(value)
-
-    def flush(self):
-        if self.fill:
-            self._put(self.acc << (8 - self.fill))
-            self.acc = 0
-            self.fill = 0
-        return self.pos
 
 
 try:
@@ -225,43 +193,11 @@ def _check_u32(value, what):
 # --- frames -----------------------------------------------------------------------------
 
 
-def _header(buf, ftype, node_id, seq, version=VERSION):
-    buf[0] = (version << 4) | ftype
-    pos = _put_varint(buf, 1, node_id)
-    if seq is not None:
-        pos = _put_varint(buf, pos, seq)
-    return pos
-
-
 def _finish(signer, buf, pos):
     if pos + TAG_LEN > MAX_FRAME:
         raise FrameError("too_long", "frame would exceed %d bytes" % MAX_FRAME)
     buf[pos : pos + TAG_LEN] = signer.tag(memoryview(buf)[:pos])
     return bytes(memoryview(buf)[: pos + TAG_LEN])
-
-
-def _best_rice_k(values):
-    """The Rice parameter 0..15 that codes these zigzagged values in the fewest bits."""
-    best_k = 0
-    best_bits = -1
-    for k in range(_MAX_K + 1):
-        total = 0
-        for z in values:
-            q = z >> k
-            if q < RICE_ESCAPE:
-                total += q + 1 + k
-            else:
-                total += RICE_ESCAPE + 2 * _bit_length(z + 1) - 1
-        if best_bits < 0 or total < best_bits:  # ties keep the smaller k (SPEC.md)
-            best_k = k
-            best_bits = total
-    return best_k
-
-
-def _gcd(a, b):
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def encode_data(signer, node_id, index, channels, readings, ages, buf=None, version=VERSION):
@@ -285,10 +221,10 @@ def encode_data(signer, node_id, index, channels, readings, ages, buf=None, vers
         raise ValueError("a frame needs at least one channel")
     for ch in channels:
         _check_u32(ch, "channel id")
-    prev = None
+    prev = MAX_U32
     for a in ages:
         _check_u32(a, "age")
-        if prev is not None and a > prev:
+        if a > prev:
             raise ValueError("ages must not increase (readings oldest first)")
         prev = a
     for r in readings:
@@ -300,7 +236,8 @@ def encode_data(signer, node_id, index, channels, readings, ages, buf=None, vers
 
     if buf is None:
         buf = bytearray(MAX_FRAME)
-    w = _BitWriter(buf, _header(buf, TYPE_DATA, node_id, index, version), MAX_FRAME - TAG_LEN)
+    buf[0] = (version << 4) | TYPE_DATA  # then node id and index (v1: seq), varints
+    w = _BitWriter(buf, _put_varint(buf, _put_varint(buf, 1, node_id), index))
     w.ue(n - 1)
     if tuple(channels) == BME280_CHANNELS:
         w.bits(1, 1)
@@ -318,69 +255,79 @@ def encode_data(signer, node_id, index, channels, readings, ages, buf=None, vers
         if n > 1:
             _encode_times(w, ages, n)
     for c in range(nch):
-        base, k0 = _channel_coding(channels[c])
-        first = readings[0][c]
-        w.ue(_zigzag(first - base), k0)
+        ch = channels[c]
+        base, k0 = _FIRST_CODES[ch] if ch < len(_FIRST_CODES) else _FIRST_CODES[0]
+        w.ue(_zigzag(readings[0][c] - base), k0)
         if n > 1:
             _encode_deltas(w, readings, c, n)
-    return _finish(signer, buf, w.flush())
+    w.bits(0, -w.fill & 7)  # zero bits up to a whole byte
+    return _finish(signer, buf, w.pos)
 
 
 def _encode_times(w, ages, n):
-    # The commonest gap is the interval; irregular frames add one signed correction a reading.
-    gaps = [ages[i - 1] - ages[i] for i in range(1, n)]
-    counts = {}
-    for g in gaps:
-        counts[g] = counts.get(g, 0) + 1
+    # The interval is the commonest gap, of equally common ones the smallest (SPEC.md);
+    # irregular frames add one signed correction a reading.
+    gaps = []
+    for i in range(1, n):
+        gaps.append(ages[i - 1] - ages[i])
     interval = gaps[0]
-    for g in counts:  # the commonest gap; of equally common ones the smallest (SPEC.md)
-        if counts[g] > counts[interval] or (counts[g] == counts[interval] and g < interval):
+    most = 0  # how many gaps are the interval
+    for g in gaps:
+        count = gaps.count(g)
+        if count > most or (count == most and g < interval):
             interval = g
+            most = count
     if interval in _INTERVALS:
         w.bits(0b1000 | _INTERVALS.index(interval), 4)
     else:
         w.bits(0, 1)
         w.ue(interval, 5)
-    irregular = 0
-    for g in gaps:
-        if g != interval:
-            irregular = 1
-            break
-    w.bits(irregular, 1)
-    if irregular:
+    if most == n - 1:
+        w.bits(0, 1)  # regular
+    else:
+        w.bits(1, 1)
         for g in gaps:
             w.ue(_zigzag(g - interval))
 
 
 def _encode_deltas(w, readings, c, n):
+    # Channel c's deltas, divided by their greatest common factor g, are Rice coded with the
+    # parameter k 0..15 that takes the fewest bits; ties keep the smaller k (SPEC.md).
+    zz = []
     g = 0
     for i in range(1, n):
-        g = _gcd(g, abs(readings[i][c] - readings[i - 1][c]))
+        d = readings[i][c] - readings[i - 1][c]
+        zz.append(d)
+        d = abs(d)
+        while d:  # Euclid: g = gcd(g, d)
+            g, d = d, g % d
     if g == 0:
         g = 1
-    zz = [_zigzag((readings[i][c] - readings[i - 1][c]) // g) for i in range(1, n)]
-    k = _best_rice_k(zz)
+    for i in range(n - 1):
+        zz[i] = _zigzag(zz[i] // g)
+    k = 0
+    best_bits = -1
+    for kk in range(_MAX_K + 1):
+        total = 0
+        for z in zz:
+            q = z >> kk
+            if q < RICE_ESCAPE:
+                total += q + 1 + kk
+            else:
+                total += RICE_ESCAPE + 2 * _bit_length(z + 1) - 1
+        if best_bits < 0 or total < best_bits:
+            k = kk
+            best_bits = total
     w.bits(k, 4)
     w.ue(g - 1)
     for z in zz:
-        w.rice(z, k)
-
-
-def _check_frame(buf, ftype_expected=None):
-    n = len(buf)
-    if n > MAX_FRAME:
-        raise FrameError("too_long", "frame is %d bytes, at most %d allowed" % (n, MAX_FRAME))
-    if n < 2 + TAG_LEN:
-        raise FrameError("truncated", "frame is %d bytes, too short for any frame" % n)
-    version = buf[0] >> 4
-    ftype = buf[0] & 0x0F
-    if version != VERSION and version != _V1:
-        raise FrameError("version", "unsupported frame version %d (reads 1, 2)" % version)
-    if ftype not in (TYPE_DATA, TYPE_ACK, TYPE_STATUS):
-        raise FrameError("type", "unknown frame type %d" % ftype)
-    if ftype_expected is not None and ftype != ftype_expected:
-        raise FrameError("type", "expected frame type %d, got %d" % (ftype_expected, ftype))
-    return ftype
+        q = z >> k
+        if q < RICE_ESCAPE:
+            w.bits((1 << (q + 1)) - 2, q + 1)  # q ones then a zero
+            w.bits(z, k)
+        else:
+            w.bits((1 << RICE_ESCAPE) - 1, RICE_ESCAPE)
+            w.ue(z)
 
 
 def decode_ack(buf, signer, node_id=None):
@@ -388,16 +335,30 @@ def decode_ack(buf, signer, node_id=None):
     are reading indices and echo is the tag of the uplink frame acknowledged; v1: seq ranges and
     echo None. With node_id, an ack addressed to another node raises FrameError("other_node")
     before the tag is computed (on LoRa every node hears every ack)."""
-    _check_frame(buf, TYPE_ACK)
+    # uplink._check_frame's checks, in its order, with one message: a node only logs it
+    n = len(buf)
+    head = buf[0] if n else 0
+    if n > MAX_FRAME:
+        reason = "too_long"
+    elif n < 2 + TAG_LEN:
+        reason = "truncated"
+    elif head >> 4 != VERSION and head >> 4 != _V1:
+        reason = "version"
+    elif head & 0x0F != TYPE_ACK:
+        reason = "type"
+    else:
+        reason = None
+    if reason:
+        raise FrameError(reason, "not a v1 or v2 ack frame: %d bytes, header 0x%02x" % (n, head))
     if node_id is not None:
-        to, _ = _get_varint(buf, 1, len(buf) - TAG_LEN, "node id")
+        to, _ = _get_varint(buf, 1, n - TAG_LEN, "node id")
         if to != node_id:
             raise FrameError("other_node", "ack for node %d" % to)
     end = signer.verify(buf)
     node_id, pos = _get_varint(buf, 1, end, "node id")
     host_time, pos = _get_varint(buf, pos, end, "host time")
     echo = None
-    if buf[0] >> 4 != _V1:
+    if head >> 4 != _V1:
         echo = bytes(buf[pos : pos + TAG_LEN])
         pos += TAG_LEN
         if pos > end:
@@ -428,7 +389,8 @@ def encode_status(signer, node_id, seq, fields, buf=None, version=VERSION):
     _check_u32(seq, "seq")
     if buf is None or len(buf) < STATUS_BUF:
         buf = bytearray(STATUS_BUF)
-    pos = _header(buf, TYPE_STATUS, node_id, seq, version)
+    buf[0] = (version << 4) | TYPE_STATUS  # then node id, seq and field count, varints
+    pos = _put_varint(buf, _put_varint(buf, 1, node_id), seq)
     pos = _put_varint(buf, pos, len(fields))
     for fid in sorted(fields):
         _check_u32(fid, "status field id")
@@ -438,5 +400,5 @@ def encode_status(signer, node_id, seq, fields, buf=None, version=VERSION):
         pos = _put_varint(buf, pos, fid)  # buf has room for one more field past MAX_FRAME
         pos = _put_varint(buf, pos, _zigzag(v))
         if pos + TAG_LEN > MAX_FRAME:
-            raise FrameError("too_long", "frame would exceed %d bytes" % MAX_FRAME)
+            break  # too long: _finish raises
     return _finish(signer, buf, pos)

@@ -10,14 +10,12 @@ except ImportError:  # pragma: no cover - very small ports
 
 from protocols import frame as _frame
 from protocols.frame import (
-    _I32_MAX,
-    _I32_MIN,
+    _FIRST_CODES,
     _INTERVALS,
     BME280_CHANNELS,
-    CHANNELS,
+    MAX_FRAME,
     MAX_READINGS,
     MAX_U32,
-    MAX_UE_ZEROS,
     RICE_ESCAPE,
     TAG_LEN,
     TYPE_ACK,
@@ -26,16 +24,17 @@ from protocols.frame import (
     VERSION,
     FrameError,
     _bit_length,
-    _channel_coding,
-    _check_frame,
     _check_u32,
     _finish,
     _get_varint,
-    _header,
     _put_varint,
 )
 
-_V1 = 1  # frame._V1 is a const(), private to its module on MicroPython
+# frame.py's version 1 and a raw value's bounds are const()s, private to it on MicroPython
+_V1 = 1
+_I32_MIN = -(1 << 31)
+_I32_MAX = (1 << 31) - 1
+MAX_UE_ZEROS = 34  # an Exp-Golomb code longer than this is malformed
 # index: the reading index of readings[0] (v2; reading i has index + i), None in a v1 frame;
 # seq: the v1 frame's sequence number, None in a v2 frame. version: 1 or 2.
 DataFrame = namedtuple(
@@ -63,6 +62,28 @@ STATUS_FIELDS = {
 }
 
 
+def _channel_coding(ch):
+    """(base, k0) of the code of a channel's first value, as the encoder has them."""
+    return _FIRST_CODES[ch] if ch < len(_FIRST_CODES) else _FIRST_CODES[0]
+
+
+# Channel ids (SPEC.md "Channels"): id -> (quantity, scale, base, k0).
+# value = raw / scale; the first value of a frame is coded as EG_k0(zigzag(raw - base)).
+# Ids without an entry decode with base 0, k0 8 and scale 1, so a v1 decoder can carry a
+# channel added later (as "channel_<id>") without a format change.
+CHANNELS = {
+    ch: (name, scale) + _channel_coding(ch)
+    for ch, name, scale in (
+        (1, "temperature_c", 100),  # 0.01 degC
+        (2, "humidity_pct", 100),  # 0.01 %RH
+        (3, "pressure_hpa", 100),  # 1 Pa = 0.01 hPa
+        (4, "pm2_5_ugm3", 10),  # 0.1 ug/m3
+        (5, "pm10_ugm3", 10),  # 0.1 ug/m3
+        (6, "battery_v", 1000),  # 1 mV
+    )
+}
+
+
 def quantity(ch):
     """(name, scale) of a channel id; unknown ids are carried as raw integers."""
     entry = CHANNELS.get(ch)
@@ -75,6 +96,23 @@ def _unzigzag(z):
     return (z >> 1) if not (z & 1) else -((z + 1) >> 1)
 
 
+def _check_frame(buf, ftype_expected=None):
+    n = len(buf)
+    if n > MAX_FRAME:
+        raise FrameError("too_long", "frame is %d bytes, at most %d allowed" % (n, MAX_FRAME))
+    if n < 2 + TAG_LEN:
+        raise FrameError("truncated", "frame is %d bytes, too short for any frame" % n)
+    version = buf[0] >> 4
+    ftype = buf[0] & 0x0F
+    if version != VERSION and version != _V1:
+        raise FrameError("version", "unsupported frame version %d (reads 1, 2)" % version)
+    if ftype not in (TYPE_DATA, TYPE_ACK, TYPE_STATUS):
+        raise FrameError("type", "unknown frame type %d" % ftype)
+    if ftype_expected is not None and ftype != ftype_expected:
+        raise FrameError("type", "expected frame type %d, got %d" % (ftype_expected, ftype))
+    return ftype
+
+
 def peek(buf):
     """(version, frame type, node id) from the header, unverified: for picking the key."""
     ftype = _check_frame(buf)
@@ -84,6 +122,7 @@ def peek(buf):
 
 def decode_ack(buf, signer):
     """Verify and decode an ACK frame (frame.decode_ack, as an Ack)."""
+    _check_frame(buf, TYPE_ACK)  # what is wrong with a header, as the other decoders say it
     return Ack(*_frame.decode_ack(buf, signer))
 
 
@@ -96,7 +135,8 @@ def encode_ack(signer, node_id, host_time, acked, echo=None):
     if len(acked) > 32:
         raise ValueError("an ack carries at most 32 ranges, got %d" % len(acked))
     buf = bytearray(20 + 32 * 10)  # header, time, echo, count, 32 ranges of two varints
-    pos = _header(buf, TYPE_ACK, node_id, None, _V1 if echo is None else VERSION)
+    buf[0] = ((_V1 if echo is None else VERSION) << 4) | TYPE_ACK  # then node id, a varint
+    pos = _put_varint(buf, 1, node_id)
     pos = _put_varint(buf, pos, host_time)
     if echo is not None:
         if len(echo) != TAG_LEN:

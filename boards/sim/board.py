@@ -3,25 +3,20 @@
 # lockstep the bus is bridged byte for byte to the simulator (which holds the chip's registers,
 # so the node's heap carries only what a real board carries), in real time it is local.
 
+import select
 import socket
 import time
 
-try:
-    import select
-except ImportError:  # pragma: no cover
-    import uselect as select
+from micropython import const
 
-_CONTROL_TIMEOUT_S = 120  # no word from the simulator for this long: it is gone, stop
-_RESET_FILE = "sim_reset_cause"  # what the hardware would latch for machine.reset_cause()
-PWRON_RESET = 1  # machine.reset_cause() values, as on the ESP32 port
-WDT_RESET = 3
-DEEPSLEEP_RESET = 4
-SOFT_RESET = 5
-RESET_EXIT = 3  # process exit status meaning "reset me" to the simulator
-
-
-class SimulationEnded(Exception):
-    pass
+# Private const()s cost the node's heap nothing (firmware/README.md "Loading and unloading
+# modules: the heap"); boards/sim/deep.py and mcu.py name the same file and values.
+_RESET_FILE = const("sim_reset_cause")  # what the hardware would latch for machine.reset_cause()
+_PWRON_RESET = const(1)  # machine.reset_cause() values, as on the ESP32 port
+_WDT_RESET = const(3)
+_DEEPSLEEP_RESET = const(4)
+_SOFT_RESET = const(5)
+_RESET_EXIT = const(3)  # process exit status meaning "reset me" to the simulator
 
 
 class Board:
@@ -33,56 +28,10 @@ class Board:
     BME280_ADDRESS = 0x76
 
     def __init__(self, raw):
-        sim = raw.get("sim") or {}
-        self._lora = raw.get("lora") or {}
-        # "sim": {"radio": "heltec_v3"}: that board's real radio set-up and micropython-lib's
-        # driver on a register-level chip (boards/sim/spi.py); else the API-level modem (radio.py)
-        self._radio_board = sim.get("radio")
-        self.radio_bus = None  # boards/sim/spi.py's Bridge, once the real driver is built
-        self.bme280 = None
-        self._i2c = None
-        self._wdt_ms = 0
-        self._fed_ms = 0
-        self._addr_cache = {}
-        self._udp = None  # the socket udp_socket() made: in lockstep the simulator feeds it
-        self._virtual_ms = 0
-        self._control = None
-        self.deep = raw.get("idle") == "deep"  # boards/hw.py's deep sleep: boards/sim/deep.py
-        if self.deep:
-            from boards.sim import deep as sim_deep
+        # Set-up code runs once: it lives in boards/sim/setup.py, which unloads itself.
+        from boards.sim import setup
 
-            sim_deep.attach(self, raw)
-        self.ended = False  # woken from deep sleep after the simulated world ended
-        # Fault injection for tests (boards/sim/faults.py): loaded only when configured.
-        self._faults = None
-        if sim.get("faults"):
-            from boards.sim.faults import Faults
-
-            self._faults = Faults(sim["faults"])
-        clock = sim.get("clock")
-        if clock:
-            # Lockstep with the host simulator: time moves only when it says so.
-            host, _, port = clock.rpartition(":")
-            self._control_addr = socket.getaddrinfo(host, int(port))[0][-1]
-            self._control = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self._control.settimeout(_CONTROL_TIMEOUT_S)
-            self._rx = b""
-            self._ask(b"H %d" % raw.get("node_id", 0))
-            self.ended = self._rx[0] == 69  # "E <ms>"
-            self._i2c = _BridgedI2C(self)
-        else:
-            self._t0 = time.ticks_ms()
-            from boards.sim.bme280 import SimBME280, SimI2C
-
-            devices = {}
-            if sim.get("bme280", True):
-                self.bme280 = SimBME280(chip_id=sim.get("chip_id", 0x60))
-                devices[sim.get("bme280_address", self.BME280_ADDRESS)] = self.bme280
-            self._i2c = SimI2C(devices)
-        if raw.get("sensors"):  # a PM sensor: uart(), idle_ms(ms, early_ms): sim/uart_bridge.py
-            from boards.sim.uart_bridge import fit
-
-            fit(self, raw)
+        setup.build(self, raw)
 
     # --- clock ---------------------------------------------------------------------------
 
@@ -106,7 +55,9 @@ class Board:
             size = 600 if request[:2] == b"RX" else 1100 if request[0] == 88 else 96
             rx = self._rx = self._control.recv(size)
         except OSError:
-            raise SimulationEnded("sim: no reply from the simulator to %r" % request)
+            # The simulator is gone: the node's crash handler resets it. Not an OSError, which
+            # drivers and links take for a bus or network error and carry on after.
+            raise RuntimeError("sim: no reply from the simulator to %r" % request)
         n = len(rx)
         # "W <ms>", "P <ms> ..." (a radio frame heard), "E <ms>" (a wake after the world ended)
         if rx[0] == 87 or rx[0] == 80 or (rx[0] == 69 and n > 2):
@@ -131,19 +82,15 @@ class Board:
 
     # Reset causes through which the RTC counts on: every one but power-on, as an ESP32's
     # (boards/hw.py). A power cut (boards/sim/faults.py) restarts it.
-    RTC_KEEPS = (WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET)
+    RTC_KEEPS = (_WDT_RESET, _DEEPSLEEP_RESET, _SOFT_RESET)
 
     def rtc_ms(self):
         """ms on the board's RTC: in lockstep the simulator's, which counts from the node's
         last power-on ("RTC" asked, "T <ms>" answered); in real time the host's clock."""
         if self._control is None:
             return time.time_ns() // 1000000
-        self._control.sendto(b"RTC", self._control_addr)
-        try:
-            rx = self._control.recv(32)
-        except OSError:
-            raise SimulationEnded("sim: no reply from the simulator to 'RTC'")
-        return int(rx[2:])
+        self._ask(b"RTC")
+        return int(self._rx[2:])
 
     # --- reset and watchdog ----------------------------------------------------------------
 
@@ -156,12 +103,12 @@ class Board:
             os.remove(_RESET_FILE)
             return cause
         except (OSError, ValueError):
-            return PWRON_RESET
+            return _PWRON_RESET
 
-    def reset(self, cause=SOFT_RESET):
+    def reset(self, cause=_SOFT_RESET):
         with open(_RESET_FILE, "w") as f:
             f.write("%d" % cause)
-        raise SystemExit(RESET_EXIT)
+        raise SystemExit(_RESET_EXIT)
 
     def wdt(self, timeout_ms):
         """machine.WDT stand-in: resets the board when not fed for timeout_ms of awake time."""
@@ -175,7 +122,7 @@ class Board:
     def _check_wdt(self):
         if self._wdt_ms and self.ticks_ms() - self._fed_ms > self._wdt_ms:
             print("(sim: watchdog expired, resetting)")
-            self.reset(WDT_RESET)
+            self.reset(_WDT_RESET)
 
     def sleep_ms(self, ms):
         """A short wait inside a task (a sensor's conversion time): time passes, nothing else."""
@@ -199,16 +146,11 @@ class Board:
 
     def radio(self):
         """A LoRa modem with micropython-lib's API on the simulated air (config "lora":
-        {"freq_khz", "sf", "output_power"}); only in lockstep with the fleet simulator."""
-        if self._control is None:
-            raise ValueError("config: the sim board's radio needs the fleet simulator (sim.clock)")
-        if self._radio_board:
-            from boards.sim.spi import real_radio
+        {"freq_khz", "sf", "output_power"}); only in lockstep with the fleet simulator. Built
+        once, at boot: by boards/sim/setup.py."""
+        from boards.sim import setup
 
-            return real_radio(self, self._radio_board, self._lora)
-        from boards.sim.radio import modem
-
-        return modem(self, self._lora)
+        return setup.radio(self)
 
     def i2c(self):
         return self._i2c

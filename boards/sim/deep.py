@@ -4,11 +4,12 @@
 # its next sample with reset cause DEEPSLEEP_RESET, its clock counting on
 # (host_tools/sim/fleet.py). Loaded only by such nodes.
 
-from boards.sim.board import _RESET_FILE
+from micropython import const
 
-DEEPSLEEP_RESET = 4
-DEEPSLEEP_EXIT = 4  # process exit status: "wake me when the sleep is over"
-_RTC_FILE = "sim_rtc_memory"
+_RESET_FILE = const("sim_reset_cause")  # boards/sim/board.py's: the latched reset cause
+_DEEPSLEEP_RESET = const(4)
+_DEEPSLEEP_EXIT = const(4)  # process exit status: "wake me when the sleep is over"
+_RTC_FILE = const("sim_rtc_memory")
 
 
 def attach(board, raw):
@@ -17,7 +18,7 @@ def attach(board, raw):
 
     def wake_state(cause):
         """After a deep-sleep wake, what deepsleep() kept; else None."""
-        if cause != DEEPSLEEP_RESET:
+        if cause != _DEEPSLEEP_RESET:
             return None
         try:
             with open(_RTC_FILE, "rb") as f:
@@ -29,9 +30,9 @@ def attach(board, raw):
         with open(_RTC_FILE, "wb") as f:
             f.write(state)
         with open(_RESET_FILE, "w") as f:
-            f.write("%d" % DEEPSLEEP_RESET)
+            f.write("%d" % _DEEPSLEEP_RESET)
         board._control.sendto(b"D %d" % ms, board._control_addr)
-        raise SystemExit(DEEPSLEEP_EXIT)  # the simulator starts the process again at the wake
+        raise SystemExit(_DEEPSLEEP_EXIT)  # the simulator starts the process again at the wake
 
     board.wake_state = wake_state
     board.deepsleep = deepsleep

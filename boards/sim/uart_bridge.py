@@ -1,79 +1,74 @@
 # What the sim board adds for a particulate sensor (config "sensors"), loaded only by such nodes
 # so that a BME280-only node's heap does not carry it: board.uart(id), idle_ms(ms, early_ms) and
 # whole I2C transactions (an SPS30 has no registers). In lockstep the UART's bytes go to the fleet
-# simulator, which holds the part on the line (boards/sim/uart.py): the node's heap holds only a
-# 64-byte FIFO; in real time the part is local.
+# simulator, which holds the part on the line (boards/sim/uart.py): the node's heap holds only
+# the simulator's last reply; in real time the part is local.
 
 from boards.sim.board import _BridgedI2C, _nibble
 
 
 def fit(board, raw):
+    idle_ms = board.idle_ms
+
+    def idle_early(ms, early_ms=0):
+        # "C <ms> <early>": the simulator wakes the node early_ms before its next sample, for
+        # the PM sensor to spin up (firmware/sensors.py); in real time early_ms changes nothing
+        if early_ms and board._control is not None:
+            return board._wait(b"C %d %d" % (ms, early_ms))
+        return idle_ms(ms)
+
+    board.idle_ms = idle_early
     if board._control is not None:
         board._i2c = BusI2C(board)
-        board.uart = lambda uart_id: BridgedUART(board, uart_id)
-        idle_ms = board.idle_ms
-
-        def idle_early(ms, early_ms=0):
-            # "C <ms> <early>": the simulator wakes the node early_ms before its next sample,
-            # for the PM sensor to spin up (firmware/sensors.py)
-            if early_ms:
-                return board._wait(b"C %d %d" % (ms, early_ms))
-            return idle_ms(ms)
-
-        board.idle_ms = idle_early
+        board.uart = lambda id: BridgedUART(board, id)
         return
     from boards.sim.uart import SimUART, parts
 
     uarts, i2c = parts(raw, board.ticks_ms)
     board._i2c.devices.update(i2c)
-    board.uart = lambda uart_id: SimUART(uarts.get(uart_id), board.ticks_ms)
-    idle_ms = board.idle_ms
-    board.idle_ms = lambda ms, early_ms=0: idle_ms(ms)  # real time: early_ms changes nothing
+    board.uart = lambda id: SimUART(uarts.get(id), board.ticks_ms)
 
 
 class BusI2C(_BridgedI2C):
     # machine.I2C's whole write and read transactions too ("IT <addr> <hex>", "IF <addr> <n>")
 
     def writeto(self, addr, buf):
-        self._transfer(b"IT %d %s" % (addr, bytes(buf).hex()))
+        self._transfer(b"IT %d %s" % (addr, buf.hex()))
         return len(buf)
 
     def readfrom_into(self, addr, buf):
         self._transfer(b"IF %d %d" % (addr, len(buf)))
         rx = self._board._rx
-        for i in range(len(buf)):
+        for i in range(len(buf)):  # "D " then two hex digits a byte
             buf[i] = (_nibble(rx[2 + 2 * i]) << 4) | _nibble(rx[3 + 2 * i])
 
 
 class BridgedUART:
     # The node's side in lockstep: writes go to the simulator ("UW <id> <hex>"), reads come
-    # from a 64-byte FIFO refilled from it ("UR <id>" -> "D <hex>") when empty.
+    # from its reply to "UR <id>" ("D <hex>": what the part has sent by now, up to 64 bytes),
+    # kept until read and asked again when used up: no buffer of its own.
 
-    def __init__(self, board, uart_id):
+    def __init__(self, board, id):
         self._board = board
-        self._id = uart_id
-        self._read = b"UR %d" % uart_id  # (made once: a request a poll would be garbage)
-        self._fifo = bytearray(64)
-        self._n = 0
-        self._i = 0
+        self._id = id
+        self._read = b"UR %d" % id  # (made once: a request a poll would be garbage)
+        self._rx = b""
+        self._pos = 0  # of the next byte's hex digits in _rx
 
     def write(self, buf):
-        self._board._ask(b"UW %d %s" % (self._id, bytes(buf).hex()))
+        self._board._ask(b"UW %d %s" % (self._id, buf.hex()))
         return len(buf)
 
-    def readinto(self, buf, nbytes=None):
-        if self._i >= self._n:  # empty: what the part has sent by now
-            n = self._board._ask(self._read)
-            rx = self._board._rx
-            n = (n - 2) // 2 if n > 2 else 0
-            for i in range(n):  # "D " then two hex digits a byte
-                self._fifo[i] = (_nibble(rx[2 + 2 * i]) << 4) | _nibble(rx[3 + 2 * i])
-            self._n = n
-            self._i = 0
-        n = min(len(buf) if nbytes is None else nbytes, self._n - self._i)
-        if n <= 0:
-            return None
+    def readinto(self, buf, n=None):  # machine.UART's readinto(buf[, nbytes])
+        rx = self._rx
+        i = self._pos
+        if i >= len(rx):
+            self._board._ask(self._read)
+            rx = self._rx = self._board._rx
+            i = 2
+        n = min(len(buf) if n is None else n, (len(rx) - i) // 2)
         for k in range(n):
-            buf[k] = self._fifo[self._i + k]
-        self._i += n
-        return n
+            buf[k] = (_nibble(rx[i]) << 4) | _nibble(rx[i + 1])
+            i += 2
+        self._pos = i
+        return n if n > 0 else None
