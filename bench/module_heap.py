@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 from host_tools import build  # noqa: E402
 
-# What a running UDP node holds, in load order (firmware/wiring.py), then what a PM node adds.
+# What a running UDP node holds, in load order (firmware/wiring.py), then what a PM node adds
+# (firmware/seq.py and status.py load only to send a STATUS frame).
 NODE = (
     "firmware",
     "firmware.log",
     "boards.sim.board",
     "firmware.bme280",
-    "firmware.seq",
     "firmware.journal",
     "protocols.frame",
     "firmware.node",

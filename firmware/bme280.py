@@ -56,36 +56,28 @@ class SensorError(Exception):
     """
 
 
-try:
-    from collections import namedtuple
-except ImportError:  # pragma: no cover - very small ports
-    from ucollections import namedtuple
-
-# Trimming parameters dig_T1..dig_H6 as Python ints (section 4.2.2, Table 16). A tuple, not an
-# object with a dict: 160 bytes where the heap may have no 512-byte hole left to give.
-Calibration = namedtuple(
-    "Calibration",
-    (
-        "dig_T1",
-        "dig_T2",
-        "dig_T3",
-        "dig_P1",
-        "dig_P2",
-        "dig_P3",
-        "dig_P4",
-        "dig_P5",
-        "dig_P6",
-        "dig_P7",
-        "dig_P8",
-        "dig_P9",
-        "dig_H1",
-        "dig_H2",
-        "dig_H3",
-        "dig_H4",
-        "dig_H5",
-        "dig_H6",
-    ),
-)
+# Trimming parameters dig_T1..dig_H6 (section 4.2.2, Table 16): a plain tuple of ints in this
+# order (bme280_calib.parse_calibration builds it; boards/sim/bme280.py names them). A tuple,
+# not an object with a dict: 160 bytes where the heap may have no 512-byte hole left to give;
+# indexed by private consts, so the node's heap keeps no names for them.
+_T1 = const(0)
+_T2 = const(1)
+_T3 = const(2)
+_P1 = const(3)
+_P2 = const(4)
+_P3 = const(5)
+_P4 = const(6)
+_P5 = const(7)
+_P6 = const(8)
+_P7 = const(9)
+_P8 = const(10)
+_P9 = const(11)
+_H1 = const(12)
+_H2 = const(13)
+_H3 = const(14)
+_H4 = const(15)
+_H5 = const(16)
+_H6 = const(17)
 
 
 # Integer compensation, section 4.2.3. Python ints do not overflow, so these equal Bosch's C code
@@ -95,9 +87,9 @@ Calibration = namedtuple(
 
 def t_fine(cal, adc_t):
     """BME280_compensate_T_int32 up to t_fine: temperature in 1/5120 °C."""
-    var1 = (((adc_t >> 3) - (cal.dig_T1 << 1)) * cal.dig_T2) >> 11
-    x = (adc_t >> 4) - cal.dig_T1
-    var2 = (((x * x) >> 12) * cal.dig_T3) >> 14
+    var1 = (((adc_t >> 3) - (cal[_T1] << 1)) * cal[_T2]) >> 11
+    x = (adc_t >> 4) - cal[_T1]
+    var2 = (((x * x) >> 12) * cal[_T3]) >> 14
     return var1 + var2
 
 
@@ -109,11 +101,11 @@ def temperature_centi(t_fine_value):
 def pressure_q24_8(cal, adc_p, t_fine_value):
     """BME280_compensate_P_int64: pressure in Pa as Q24.8 (1/256 Pa); 0 if dig_P1 makes it /0."""
     var1 = t_fine_value - 128000
-    var2 = var1 * var1 * cal.dig_P6
-    var2 = var2 + ((var1 * cal.dig_P5) << 17)
-    var2 = var2 + (cal.dig_P4 << 35)
-    var1 = ((var1 * var1 * cal.dig_P3) >> 8) + ((var1 * cal.dig_P2) << 12)
-    var1 = (((1 << 47) + var1) * cal.dig_P1) >> 33
+    var2 = var1 * var1 * cal[_P6]
+    var2 = var2 + ((var1 * cal[_P5]) << 17)
+    var2 = var2 + (cal[_P4] << 35)
+    var1 = ((var1 * var1 * cal[_P3]) >> 8) + ((var1 * cal[_P2]) << 12)
+    var1 = (((1 << 47) + var1) * cal[_P1]) >> 33
     if var1 == 0:
         return 0
     p = 1048576 - adc_p
@@ -122,20 +114,19 @@ def pressure_q24_8(cal, adc_p, t_fine_value):
     p = abs(num) // abs(var1)
     if (num < 0) != (var1 < 0):
         p = -p
-    var1 = (cal.dig_P9 * (p >> 13) * (p >> 13)) >> 25
-    var2 = (cal.dig_P8 * p) >> 19
-    return ((p + var1 + var2) >> 8) + (cal.dig_P7 << 4)
+    var1 = (cal[_P9] * (p >> 13) * (p >> 13)) >> 25
+    var2 = (cal[_P8] * p) >> 19
+    return ((p + var1 + var2) >> 8) + (cal[_P7] << 4)
 
 
 def humidity_q22_10(cal, adc_h, t_fine_value):
     """bme280_compensate_H_int32: relative humidity in %RH as Q22.10 (1/1024 %RH)."""
     v = t_fine_value - 76800
-    v = ((((adc_h << 14) - (cal.dig_H4 << 20) - (cal.dig_H5 * v)) + 16384) >> 15) * (
-        (((((v * cal.dig_H6) >> 10) * (((v * cal.dig_H3) >> 11) + 32768)) >> 10) + 2097152)
-        * cal.dig_H2
+    v = ((((adc_h << 14) - (cal[_H4] << 20) - (cal[_H5] * v)) + 16384) >> 15) * (
+        (((((v * cal[_H6]) >> 10) * (((v * cal[_H3]) >> 11) + 32768)) >> 10) + 2097152) * cal[_H2]
         + 8192
     ) >> 14
-    v = v - (((((v >> 15) * (v >> 15)) >> 7) * cal.dig_H1) >> 4)
+    v = v - (((((v >> 15) * (v >> 15)) >> 7) * cal[_H1]) >> 4)
     if v < 0:
         v = 0
     elif v > 419430400:  # 100 %RH in Q22.10, shifted by 12
@@ -176,12 +167,9 @@ class BME280:
         adc_t = (d[3] << 12) | (d[4] << 4) | (d[5] >> 4)  # 5.4.8 temp[19:0]
         adc_h = (d[6] << 8) | d[7]  # 5.4.9 hum[15:0]
         if adc_t == _ADC_SKIPPED or adc_p == _ADC_SKIPPED or adc_h == _ADC_H_SKIPPED:
-            from firmware import bme280_calib, unload  # rare: its code is not kept resident
-
-            try:
-                bme280_calib.check_not_skipped(self, adc_t, adc_p, adc_h)
-            finally:
-                unload("bme280_calib")
+            # (not in a module loaded when needed: 0x80000 is a plausible temperature, ~26 degC,
+            # and loading code at such a reading ran a full 64 KB heap out)
+            self._check_not_skipped(adc_t, adc_p, adc_h)
         cal = self.calibration
         tf = t_fine(cal, adc_t)
         p_q8 = pressure_q24_8(cal, adc_p, tf)
@@ -190,6 +178,28 @@ class BME280:
             print("bme280: adc", adc_t, adc_p, adc_h, "t_fine", tf)
         # Round Q22.10 %RH to 0.01 %RH and Q24.8 Pa to Pa, half up
         return temperature_centi(tf), (h_q10 * 100 + 512) >> 10, (p_q8 + 128) >> 8
+
+    def _check_not_skipped(self, adc_t, adc_p, adc_h):
+        # A reset value (Table 18) is also a possible reading (0x80000 is ~26 degC): it means
+        # "skipped" only if that measurement's oversampling is off, i.e. the chip lost its
+        # settings (a reset or a dropped ctrl_hum write). Read them back to tell (5.4.3, 5.4.5).
+        try:
+            ctrl = self._i2c.readfrom_mem(self.address, _REG_CTRL_HUM, 3)  # 0xF2..0xF4
+        except OSError as e:
+            raise self._bus_error(e)  # noqa: B904
+        osrs_h = ctrl[0] & 0x07
+        osrs_t = ctrl[2] >> 5
+        osrs_p = (ctrl[2] >> 2) & 0x07
+        if (
+            (adc_h == _ADC_H_SKIPPED and not osrs_h)
+            or (adc_t == _ADC_SKIPPED and not osrs_t)
+            or (adc_p == _ADC_SKIPPED and not osrs_p)
+        ):
+            raise SensorError(
+                "bme280: measurement skipped at 0x%02x (ctrl_hum 0x%02x ctrl_meas 0x%02x; "
+                "raw T 0x%05x P 0x%05x H 0x%04x)"
+                % (self.address, ctrl[0], ctrl[2], adc_t, adc_p, adc_h)
+            )
 
     def _measure(self):
         # Forced mode: ctrl_hum first, since it only latches on the following ctrl_meas write

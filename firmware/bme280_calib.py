@@ -1,11 +1,10 @@
 # What a BME280 needs only when it is opened (chip id, calibration: firmware/bme280.py's
-# BME280()) or in a rare case (a reading that equals the registers' reset values): loaded then
-# and dropped again, so that a running node's heap does not carry it.
+# BME280()): loaded then and dropped again, so that a running node's heap does not carry it.
 # Section numbers cite the BME280 datasheet.
 
 import struct
 
-from firmware.bme280 import Calibration, SensorError, _all, _errno
+from firmware.bme280 import SensorError, _all, _errno
 
 try:
     from micropython import const
@@ -25,9 +24,7 @@ _REG_CONFIG = const(0xF5)
 _CHIP_ID = const(0x60)
 _CHIP_ID_BMP280 = const(0x58)  # BMP280 (no humidity) answers at the same addresses
 _CONFIG_FILTER_OFF = const(0x00)  # weather monitoring: filter off (section 3.5.1)
-_REG_CTRL_HUM = const(0xF2)
-_ADC_SKIPPED = const(0x80000)  # the data registers' reset values (Table 18)
-_ADC_H_SKIPPED = const(0x8000)
+_P1 = const(3)  # dig_P1's place in the calibration tuple (bme280.py)
 
 
 def probe(sensor):
@@ -61,7 +58,7 @@ def probe(sensor):
                 "bme280: calibration 0x88..0xA1 at 0x%02x reads all 0x%02x" % (address, blank)
             )
     cal = parse_calibration(calib00, calib26)
-    if cal.dig_P1 == 0:
+    if cal[_P1] == 0:
         raise SensorError("bme280: calibration dig_P1 is 0 at 0x%02x" % address)
     return cal
 
@@ -71,12 +68,13 @@ def _s8(b):
 
 
 def parse_calibration(calib00, calib26):
-    """Calibration from the 26 bytes at 0x88 and the 7 bytes at 0xE1 (Table 16)."""
+    """The calibration tuple (dig_T1..dig_H6, bme280.py) from the 26 bytes at 0x88 and the 7
+    bytes at 0xE1 (Table 16)."""
     t1, t2, t3, p1, p2, p3, p4, p5, p6, p7, p8, p9 = struct.unpack_from(
         "<HhhHhhhhhhhh", calib00, 0
     )
     e4 = calib26[4]
-    return Calibration(
+    return (
         t1,
         t2,
         t3,
@@ -98,26 +96,3 @@ def parse_calibration(calib00, calib26):
         (_s8(calib26[5]) << 4) | (e4 >> 4),
         _s8(calib26[6]),  # 0xE7 dig_H6, signed char
     )
-
-
-def check_not_skipped(sensor, adc_t, adc_p, adc_h):
-    # A reset value (Table 18) is also a possible reading (0x80000 is ~26 degC): it means
-    # "skipped" only if that measurement's oversampling is off, i.e. the chip lost its
-    # settings (a reset or a dropped ctrl_hum write). Read them back to tell (5.4.3, 5.4.5).
-    try:
-        ctrl = sensor._i2c.readfrom_mem(sensor.address, _REG_CTRL_HUM, 3)  # 0xF2..0xF4
-    except OSError as e:
-        raise sensor._bus_error(e)  # noqa: B904
-    osrs_h = ctrl[0] & 0x07
-    osrs_t = ctrl[2] >> 5
-    osrs_p = (ctrl[2] >> 2) & 0x07
-    if (
-        (adc_h == _ADC_H_SKIPPED and not osrs_h)
-        or (adc_t == _ADC_SKIPPED and not osrs_t)
-        or (adc_p == _ADC_SKIPPED and not osrs_p)
-    ):
-        raise SensorError(
-            "bme280: measurement skipped at 0x%02x (ctrl_hum 0x%02x ctrl_meas 0x%02x; "
-            "raw T 0x%05x P 0x%05x H 0x%04x)"
-            % (sensor.address, ctrl[0], ctrl[2], adc_t, adc_p, adc_h)
-        )

@@ -18,27 +18,33 @@ class ConfigError(Exception):
 
 
 class Config:
-    """Validated node settings (attributes only: no methods, so that once the node is built
-    this module can be dropped from the heap). Fields and defaults: README "Provisioning"."""
+    """Validated node settings, set by parse() (fields and defaults: README "Provisioning"):
+    node_id, key, role, board, interval_s, batch, journal_capacity, ack_timeout_ms,
+    status_every_s, wdt_ms, uplink ((host, port) of the host or broker; None on LoRa;
+    "serial"), link ("udp", "lora" or "mqtt"), lora (dict), airtime_budget_ms (None: duty cycle
+    only), sensors (config "sensors" when a node has more than the BME280, firmware/sensors.py;
+    () for the BME280 alone) and raw (the parsed file, until the board is built).
+    Attributes only, no methods and no class-level defaults: once the node is built this
+    module leaves the heap, and the running node keeps the instance alone (its class's table
+    of defaults cost 0.5 KB)."""
 
-    raw = {}  # type: dict
-    node_id = 0
-    key = b""
-    role = "node"
-    board = ""
-    interval_s = 60
-    batch = 10
-    journal_capacity = 10080
-    ack_timeout_ms = 2000
-    status_every_s = 172800
-    wdt_ms = 30000
-    uplink = None  # type: object  # (host, port) of the host or broker; None on LoRa; "serial"
-    link = "udp"  # "udp", "lora" or "mqtt"
-    lora = {}  # type: dict
-    airtime_budget_ms = None
-    # config "sensors" when a node has more than the BME280 (firmware/sensors.py); () is the
-    # BME280 alone, as before the key existed
-    sensors = ()  # type: tuple
+    # (bare annotations, for the type checker: MicroPython's compiler drops them)
+    raw: dict
+    node_id: int
+    key: bytes
+    role: str
+    board: str
+    interval_s: int
+    batch: int
+    journal_capacity: int
+    ack_timeout_ms: int
+    status_every_s: int
+    wdt_ms: int
+    uplink: object
+    link: str
+    lora: dict
+    airtime_budget_ms: object
+    sensors: tuple
 
 
 def parse(raw):
@@ -46,6 +52,7 @@ def parse(raw):
         raise ConfigError("config: top level must be a JSON object")
     c = Config()
     c.raw = raw
+    c.sensors = ()
     c.node_id = _int(raw, "node_id", None, 0, 0xFFFFFFFF)
     c.role = _str(raw, "role", "node")
     if c.role not in ROLES:

@@ -1,12 +1,12 @@
-# The end of a simulated world (boards/sim/board.py says so; hardware never ends): the node sends
-# what it still holds and logs its counters, which the fleet simulator reads
+# The end of a simulated world (boards/sim/board.py says so; hardware never ends): once the node
+# has sent what it still holds (Node.run), it logs its counters, which the fleet simulator reads
 # (host_tools/sim/fleet.py). Its own module so that a running node's heap does not carry it.
 
 import gc
 
 
 def report(node):
-    node.send_pending(flush=True)
+    """The node's counters, once it has sent what it held (Node.run)."""
     extra = {
         "pending": len(node.journal),
         "dropped": node.journal.dropped,

@@ -4,13 +4,14 @@
 
 import gc
 
-from firmware import unload
+from firmware import FW_VERSION, unload
 
 _RETRY_MS = 10000
 
 
 def build():
-    """(role object with run(wdt), log, board, watchdog ms); role None if it cannot start."""
+    """(role, log, board, watchdog ms): role a Gateway, the arguments of a Node (app.py builds
+    it), or None if it cannot start."""
     from firmware import bringup
 
     cfg, board, log, boot_no, cause, wake = bringup.prepare()
@@ -78,8 +79,6 @@ def _build(cfg, board, log, boot_no, cause, wake):
     unload("journal_open", "seq")
     gc.collect()
 
-    from firmware.node import Node
-
     if cfg.link == "lora":
         from firmware.airtime import Governor
         from firmware.lora_link import LoraLink
@@ -98,14 +97,25 @@ def _build(cfg, board, log, boot_no, cause, wake):
     # a new boot's place on the RTC (firmware/clock.py), once: not at a deep-sleep wake
     rtc = None if wake is not None else board.rtc_ms() - board.ticks_ms()
     clock = open_clock(boot_no, rtc, cause in board.RTC_KEEPS)
-    node = Node(cfg, board, log, sequence, journal, link, clock, (boot_no, cause), wake, buf)
-    if group is not None:  # the faults counted while opening them, then the node's counter
-        node.stats["sensor_faults"] = group.stats["sensor_faults"]
-        group.stats = node.stats
-        node.sensor = group
-    else:
-        node.sensor = sensor
-    return node, log, board, cfg.wdt_ms
+    if wake is None:  # the node's first line of a boot (boot-time code: not in node.py)
+        log.info(
+            "node",
+            "started",
+            node=cfg.node_id,
+            fw=FW_VERSION,
+            board=board.NAME,
+            link=cfg.link,
+            # where frames go: the first thing to check on a node that gets no acks
+            uplink="%s:%d" % cfg.uplink if cfg.uplink else "-",
+            boot=boot_no,
+            reset_cause=cause,
+            pending=len(journal),
+            idle="deep" if getattr(board, "deep", False) else "light",
+        )
+    # The node's parts: app.run() builds the Node once this module's code has left the heap
+    # (the boot's peak: firmware/README.md).
+    parts = (cfg, board, log, sequence, journal, link, clock, (boot_no, cause), wake, buf)
+    return parts + (sensor if group is None else group,), log, board, cfg.wdt_ms
 
 
 def _seq_state(wake):

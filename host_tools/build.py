@@ -38,6 +38,14 @@ def sources(root=ROOT):
     return out
 
 
+def module_name(rel):
+    """firmware/journal.py -> "firmware.journal"; firmware/__init__.py -> "firmware"."""
+    parts = list(Path(rel).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
 def build(dest, arch=None, root=ROOT):
     """Compile every board source into dest (same tree, .mpy); returns {relative .mpy: size}.
 
@@ -49,7 +57,10 @@ def build(dest, arch=None, root=ROOT):
         out = dest / rel.with_suffix(".mpy")
         out.parent.mkdir(parents=True, exist_ok=True)
         if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-            cmd = [mpy_cross, "-s", str(rel), "-o", str(out), str(src)]
+            # The source name a traceback shows: the module's own name ("firmware.journal"),
+            # a qstr the board interns anyway when it imports the module; a path would be one
+            # more qstr a module, kept for good (firmware/README.md "the heap").
+            cmd = [mpy_cross, "-s", module_name(rel), "-o", str(out), str(src)]
             if arch:
                 cmd.insert(1, "-march=" + arch)
             proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)

@@ -79,6 +79,9 @@ class Signer:
         h = hashlib.sha256(self._ipad)
         h.update(data)
         inner = h.digest()
+        # Dropped before the outer hash is made: in a full heap the collection that allocation
+        # may need frees the inner one's block, which the outer one then takes.
+        h = None
         h = hashlib.sha256(self._opad)
         h.update(inner)
         return h.digest()[:TAG_LEN]
@@ -185,9 +188,12 @@ def _get_varint(buf, pos, end, what):
     return value, pos
 
 
-def _check_u32(value, what):
-    if not isinstance(value, int) or value < 0 or value > MAX_U32:
-        raise ValueError("%s must be an integer 0..4294967295, got %r" % (what, value))
+def _u32(v):
+    return isinstance(v, int) and 0 <= v <= MAX_U32
+
+
+def _i32(v):
+    return isinstance(v, int) and _I32_MIN <= v <= _I32_MAX
 
 
 # --- frames -----------------------------------------------------------------------------
@@ -207,32 +213,27 @@ def encode_data(signer, node_id, index, channels, readings, ages, buf=None, vers
     + i), or the frame's seq with version=1. Raises ValueError on bad arguments,
     FrameError("too_long") if the batch does not fit in MAX_FRAME bytes. buf: a bytearray of
     MAX_FRAME bytes to build the frame in (a node allocates it once)."""
-    _check_u32(node_id, "node_id")
-    _check_u32(index, "seq")  # v1; in v2 the first reading's index
+    # The arguments are checked here without words; what is wrong is told by
+    # protocols/arguments.py, loaded then (a node never passes bad ones: its heap does not
+    # carry the messages).
     n = len(readings)
-    if n < 1 or n > MAX_READINGS:
-        raise ValueError("a frame holds 1..%d readings, got %d" % (MAX_READINGS, n))
-    if version > 1:
-        _check_u32(index + n - 1, "last reading index")
-    if len(ages) != n:
-        raise ValueError("%d readings but %d ages" % (n, len(ages)))
     nch = len(channels)
-    if nch < 1:
-        raise ValueError("a frame needs at least one channel")
+    ok = _u32(node_id) and _u32(index) and 0 < n <= MAX_READINGS and len(ages) == n and nch
+    ok = ok and (version < 2 or _u32(index + n - 1))
     for ch in channels:
-        _check_u32(ch, "channel id")
+        ok = ok and _u32(ch)
     prev = MAX_U32
     for a in ages:
-        _check_u32(a, "age")
-        if a > prev:
-            raise ValueError("ages must not increase (readings oldest first)")
+        ok = ok and _u32(a) and a <= prev
         prev = a
     for r in readings:
-        if len(r) != nch:
-            raise ValueError("reading has %d values for %d channels" % (len(r), nch))
+        ok = ok and len(r) == nch
         for v in r:
-            if not isinstance(v, int) or v < _I32_MIN or v > _I32_MAX:
-                raise ValueError("raw value %r is not a 32-bit signed integer" % (v,))
+            ok = ok and _i32(v)
+    if not ok:
+        from protocols import arguments
+
+        arguments.check_data(node_id, index, channels, readings, ages, version)
 
     if buf is None:
         buf = bytearray(MAX_FRAME)
@@ -385,18 +386,20 @@ def decode_ack(buf, signer, node_id=None):
 def encode_status(signer, node_id, seq, fields, buf=None, version=VERSION):
     """Signed STATUS frame: fields a dict {field id: signed int} (see uplink.STATUS_FIELDS).
     buf: a bytearray of at least STATUS_BUF bytes to build it in (a node allocates it once)."""
-    _check_u32(node_id, "node_id")
-    _check_u32(seq, "seq")
+    ok = _u32(node_id) and _u32(seq)
+    for fid in fields:
+        ok = ok and _u32(fid) and _i32(fields[fid])
+    if not ok:  # what is wrong: protocols/arguments.py, as for encode_data
+        from protocols import arguments
+
+        arguments.check_status(node_id, seq, fields)
     if buf is None or len(buf) < STATUS_BUF:
         buf = bytearray(STATUS_BUF)
     buf[0] = (version << 4) | TYPE_STATUS  # then node id, seq and field count, varints
     pos = _put_varint(buf, _put_varint(buf, 1, node_id), seq)
     pos = _put_varint(buf, pos, len(fields))
     for fid in sorted(fields):
-        _check_u32(fid, "status field id")
         v = fields[fid]
-        if not isinstance(v, int) or v < _I32_MIN or v > _I32_MAX:
-            raise ValueError("status field %d: %r is not a 32-bit signed integer" % (fid, v))
         pos = _put_varint(buf, pos, fid)  # buf has room for one more field past MAX_FRAME
         pos = _put_varint(buf, pos, _zigzag(v))
         if pos + TAG_LEN > MAX_FRAME:

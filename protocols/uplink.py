@@ -9,6 +9,7 @@ except ImportError:  # pragma: no cover - very small ports
     from ucollections import namedtuple
 
 from protocols import frame as _frame
+from protocols.arguments import check_u32 as _check_u32
 from protocols.frame import (
     _FIRST_CODES,
     _INTERVALS,
@@ -24,7 +25,6 @@ from protocols.frame import (
     VERSION,
     FrameError,
     _bit_length,
-    _check_u32,
     _finish,
     _get_varint,
     _put_varint,

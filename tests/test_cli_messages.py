@@ -272,7 +272,7 @@ def test_demo_heap_bound(tmp_path):
     # (bench/node_cycle.py looks for the smallest heap the node runs in).
     from host_tools.commands.demo import MIN_HEAP, heap_bytes
 
-    assert heap_bytes(NODE_MIN_HEAP) == 66 * 1024 and heap_bytes("1M") == 1024 * 1024
+    assert heap_bytes(NODE_MIN_HEAP) == 56 * 1024 and heap_bytes("1M") == 1024 * 1024
     result = citynode("demo", "--db", tmp_path / "d.db", "--heap", str(MIN_HEAP - 1))
     assert result.returncode == 2 and "is less than 32K" in result.stderr
 

@@ -450,7 +450,7 @@ def test_ten_thousand_cycles_in_the_smallest_node_heap_without_growth(tmp_path):
         probe["p"] = StatusHeap(r)
         return probe["p"]
 
-    # bench/node_cycle.py shows NODE_MIN_HEAP (64K) itself; here 2 KB of margin, so that a
+    # bench/node_cycle.py shows NODE_MIN_HEAP itself; here 2 KB of margin, so that a
     # machine whose heap lays out a little differently does not fail the suite.
     results, stored, _ = run_fleet(tmp_path, [spec], wrap=wrap, heap=_with_margin(NODE_MIN_HEAP))
     free = probe["p"].free
@@ -508,7 +508,7 @@ def test_a_heap_too_small_to_build_the_node_resets_it_with_a_log_line(tmp_path):
     # Out of heap while the node is built: not a halt at the REPL, not "flash state unusable":
     # a log line, the log saved, a reset (the simulator gives up after 20).
     with pytest.raises(FleetError, match="reset 21 times"):
-        run_fleet(tmp_path, [NodeSpec(20, KEY, generated(5), 60, 10)], heap="52K")
+        run_fleet(tmp_path, [NodeSpec(20, KEY, generated(5), 60, 10)], heap="44K")
     log = (tmp_path / "fleet" / "node-20" / "console.log").read_text()
     cannot = [ln for ln in log.splitlines() if ln.startswith("E 0.000 node cannot start ")]
     assert len(cannot) == 21 and all("memory allocation failed" in ln for ln in cannot)

@@ -8,7 +8,36 @@
 
 import struct
 
-from firmware.bme280 import Calibration
+try:
+    from collections import namedtuple
+except ImportError:  # pragma: no cover - very small ports
+    from ucollections import namedtuple
+
+# The trimming parameters by name, in the order of the firmware's calibration tuple
+# (firmware/bme280.py indexes a plain tuple; this one reads better in tests)
+Calibration = namedtuple(
+    "Calibration",
+    (
+        "dig_T1",
+        "dig_T2",
+        "dig_T3",
+        "dig_P1",
+        "dig_P2",
+        "dig_P3",
+        "dig_P4",
+        "dig_P5",
+        "dig_P6",
+        "dig_P7",
+        "dig_P8",
+        "dig_P9",
+        "dig_H1",
+        "dig_H2",
+        "dig_H3",
+        "dig_H4",
+        "dig_H5",
+        "dig_H6",
+    ),
+)
 
 ENODEV = 19
 

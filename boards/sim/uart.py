@@ -1,7 +1,7 @@
 # A simulated UART line for the sim board's serial sensors (SDS011, PMS5003): bytes the node
 # writes reach the simulated part, the part's bytes arrive at the line's baud rate into a bounded
 # receive FIFO, as machine.UART's. In lockstep this runs in the fleet simulator, and the node's
-# UART is boards/sim/uart_bridge.py ("UW"/"UR" requests): its heap holds only a FIFO.
+# UART is boards/sim/uart_bridge.py ("UW"/"UR" requests): its heap holds only the last reply.
 # Runs on MicroPython (sim-board in real time) and CPython (the fleet simulator, tests).
 
 _RXBUF = 256  # machine.UART's default receive buffer on the ESP32 port; overflow drops bytes

@@ -1,10 +1,10 @@
 # What the sim board adds for a particulate sensor (config "sensors"), loaded only by such nodes
-# so that a BME280-only node's heap does not carry it: board.uart(id), idle_ms(ms, early_ms) and
-# whole I2C transactions (an SPS30 has no registers). In lockstep the UART's bytes go to the fleet
-# simulator, which holds the part on the line (boards/sim/uart.py): the node's heap holds only
-# the simulator's last reply; in real time the part is local.
+# so that a BME280-only node's heap does not carry it: board.uart(id), idle_ms(ms, early_ms) and,
+# for an SPS30 (no registers), whole I2C transactions (boards/sim/bus_i2c.py). In lockstep the
+# UART's bytes go to the fleet simulator, which holds the part on the line (boards/sim/uart.py):
+# the node's heap holds only the simulator's last reply; in real time the part is local.
 
-from boards.sim.board import _BridgedI2C, _nibble
+from boards.sim.board import _nibble
 
 
 def fit(board, raw):
@@ -19,7 +19,11 @@ def fit(board, raw):
 
     board.idle_ms = idle_early
     if board._control is not None:
-        board._i2c = BusI2C(board)
+        for spec in raw["sensors"]:
+            if spec.get("type") == "sps30":  # whole I2C transactions: only an SPS30 needs them
+                from boards.sim.bus_i2c import BusI2C
+
+                board._i2c = BusI2C(board)
         board.uart = lambda id: BridgedUART(board, id)
         return
     from boards.sim.uart import SimUART, parts
@@ -27,20 +31,6 @@ def fit(board, raw):
     uarts, i2c = parts(raw, board.ticks_ms)
     board._i2c.devices.update(i2c)
     board.uart = lambda id: SimUART(uarts.get(id), board.ticks_ms)
-
-
-class BusI2C(_BridgedI2C):
-    # machine.I2C's whole write and read transactions too ("IT <addr> <hex>", "IF <addr> <n>")
-
-    def writeto(self, addr, buf):
-        self._transfer(b"IT %d %s" % (addr, buf.hex()))
-        return len(buf)
-
-    def readfrom_into(self, addr, buf):
-        self._transfer(b"IF %d %d" % (addr, len(buf)))
-        rx = self._board._rx
-        for i in range(len(buf)):  # "D " then two hex digits a byte
-            buf[i] = (_nibble(rx[2 + 2 * i]) << 4) | _nibble(rx[3 + 2 * i])
 
 
 class BridgedUART:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 # A reading as every sink takes it: (node_id, reading_index, ts, quantity, value). reading_index
-# is None for a v1 frame; ts is unix seconds UTC; quantity a protocols/frame.py CHANNELS name.
+# is None for a v1 frame; ts is unix seconds UTC; quantity a protocols/uplink.py CHANNELS name.
 Row = tuple[int, int | None, float, str, float]
 # Sends one ack back the way its datagram came; may raise OSError.
 Reply = Callable[[bytes], None]

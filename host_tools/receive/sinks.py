@@ -5,7 +5,7 @@
 # A row is (node_id, reading_index, ts, quantity, value): reading_index the node's counter of
 # readings (frame format v2: with node_id, the reading's identity; None for a v1 frame, which
 # carries none), ts in unix seconds (UTC, float, millisecond resolution), quantity a name from
-# protocols/frame.py CHANNELS, value in that quantity's unit.
+# protocols/uplink.py CHANNELS, value in that quantity's unit.
 #
 # Identity: every sink stores a reading once under (node_id, reading_index), whenever and
 # however often a copy arrives (a frame re-sent after a lost ack, heard by two gateways,
