@@ -288,7 +288,7 @@ def main_lora(radio):
     """`--lora [BOARD]`: the LoRa node's heap, API-level modem or a board's real driver."""
     what = "%s's radio set-up, micropython-lib's driver" % radio if radio else "API-level modem"
     print("## LoRa node heap (%s): a simulated day, SF7, frames of 10\n" % what)
-    sizes = (112, 128, 136, 144, 152, 160) if radio else (80, 88, 96)
+    sizes = (96, 104, 112, 128, 136, 144, 152, 160) if radio else (60, 64, 68, 72, 80, 88, 96)
     for kb in sizes:
         resets, stored, free = lora_day("%dK" % kb, radio)
         print(

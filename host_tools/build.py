@@ -38,6 +38,11 @@ def sources(root=ROOT):
     return out
 
 
+# How the .mpy files are made, besides their sources: a build made otherwise is remade whole
+# (a new source name for tracebacks changes no source file). Change it with the mpy-cross call.
+OPTIONS = "mpy-cross -s <module name>"
+
+
 def module_name(rel):
     """firmware/journal.py -> "firmware.journal"; firmware/__init__.py -> "firmware"."""
     parts = list(Path(rel).with_suffix("").parts)
@@ -49,14 +54,18 @@ def module_name(rel):
 def build(dest, arch=None, root=ROOT):
     """Compile every board source into dest (same tree, .mpy); returns {relative .mpy: size}.
 
-    Recompiles only files whose source is newer than their .mpy."""
+    Recompiles only files whose source is newer than their .mpy, and all of them when the
+    build was made with other options (OPTIONS, the architecture: dest/.options says)."""
     dest = Path(dest)
     mpy_cross = tool("mpy-cross")
     sizes = {}
+    stamp = dest / ".options"
+    options = "%s -march=%s\n" % (OPTIONS, arch or "")
+    same = stamp.exists() and stamp.read_text() == options
     for rel, src in sources(root):
         out = dest / rel.with_suffix(".mpy")
         out.parent.mkdir(parents=True, exist_ok=True)
-        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        if not same or not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
             # The source name a traceback shows: the module's own name ("firmware.journal"),
             # a qstr the board interns anyway when it imports the module; a path would be one
             # more qstr a module, kept for good (firmware/README.md "the heap").
@@ -67,6 +76,7 @@ def build(dest, arch=None, root=ROOT):
             if proc.returncode != 0:
                 raise BuildError("mpy-cross failed on %s: %s" % (rel, proc.stderr.strip()))
         sizes[str(rel.with_suffix(".mpy"))] = out.stat().st_size
+    stamp.write_text(options)
     # A module renamed or removed leaves its .mpy behind: gone too, or a board (citynode flash
     # copies the whole build) and the tests would still import it.
     for pkg in PACKAGES:

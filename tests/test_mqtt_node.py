@@ -27,7 +27,7 @@ UMQTT = (
 )
 # The smallest heap in which the MQTT node runs a simulated day on this 64-bit port
 # (bench/node_cycle.py); the UDP node's is NODE_MIN_HEAP. Tests run with 2 KB of margin.
-MQTT_NODE_MIN_HEAP = "72K"
+MQTT_NODE_MIN_HEAP = "64K"
 ACK_TIMEOUT_MS = 1000  # real time: the broker and the peer answer in a few ms on loopback
 
 
