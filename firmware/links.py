@@ -23,6 +23,7 @@ class UdpLink:
 
     NAME = "udp"
     max_batch = 0  # a backlog goes out in frames of the configured batch
+    wait_ms = 0  # after a send() refused: how long until one may go (LoRa's airtime governor)
 
     def __init__(self, board, uplink, log):
         self.board = board

@@ -23,6 +23,7 @@ class LoraLink:
         self.rssi = 0
         self.snr = 0
         self.deferred = 0
+        self.wait_ms = 0  # after a deferral: until the governor lets the next frame go
         # A backlog (after an outage, a deferral) goes out in frames of up to this many
         # readings: about 100 bytes, still well inside raw LoRa's 255 (bench/airtime.py).
         self.max_batch = lora.get("max_batch", 30)
@@ -38,6 +39,7 @@ class LoraLink:
     def send(self, data):
         airtime = self.modem.get_time_on_air_us(len(data))
         wait = self.governor.can_send(self.freq, airtime)
+        self.wait_ms = wait
         if wait:
             self.deferred += 1
             self.log.warning(

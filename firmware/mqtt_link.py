@@ -34,6 +34,7 @@ class MqttLink:
 
     NAME = "mqtt"
     max_batch = 0  # a backlog goes out in frames of the configured batch
+    wait_ms = 0  # (links.py UdpLink)
 
     def __init__(self, board, uplink, node_id, gap_s, log):
         self.board = board

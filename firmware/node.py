@@ -234,6 +234,9 @@ class Node:
         """Send a frame and wait for its ack. n readings from index first, or a STATUS frame
         of that seq (n = 0)."""
         if not self.link.send(data):
+            # A link that said when it may send again (LoRa's airtime governor): no frame is
+            # built before then (a STATUS frame would take a seq each cycle for nothing).
+            self._backoff = self.link.wait_ms // (self.cfg.interval_s * 1000)
             return False
         self.stats["frames_sent"] += 1
         if not n:

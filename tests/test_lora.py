@@ -80,6 +80,9 @@ def test_daily_airtime_budget_defers_frames_and_loses_nothing(tmp_path):
     stats = results[5]["stats"]
     log = open(results[5]["log"]).read()
     assert stats["deferred"] > 0
+    # the governor says how long to wait: the node builds no frame before then (it once tried
+    # every cycle, a STATUS frame taking a seq each time)
+    assert stats["deferred"] <= 3, stats
     assert "link airtime limit, frame deferred" in log and "reason=daily" in log
     assert stats["airtime_ms"] <= 200
     assert len(stored_times(rows, 5)) + stats["pending"] >= 40  # sent or still kept
