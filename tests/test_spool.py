@@ -541,8 +541,16 @@ def test_refused_batches_go_to_the_dead_letters_and_can_be_queued_again(spool, c
             f.start()
         try:
             spool.write(rows(20))
-            wait_until(lambda: len(sink.delivered) == 10 and len(other.delivered) == 20)
             f = forwarders[0]
+            # (delivered comes before the forwarder records its place: wait for both, or a
+            # loaded machine sees the last batch delivered and still in the backlog)
+            wait_until(
+                lambda: (
+                    len(sink.delivered) == 10
+                    and len(other.delivered) == 20
+                    and f.status()["backlog"] == 0
+                )
+            )
             assert sink.calls == 4  # each refused batch tried once, no waiting: no back-off
             assert f.counters["dead_letter"] == 10 and f.counters["failed_http_400"] == 2
             assert f.status()["dead_letters"] == 10 and f.status()["backlog"] == 0
