@@ -4,7 +4,7 @@
 # Simplifications: particle counts are made from PM2.5 by fixed ratios; CF=1 values equal the
 # atmospheric ones (the datasheet's factory-calibration distinction is not modelled).
 
-from boards.sim.uart import UartDevice, find, keep_tail
+from boards.sim.uart import FanSensor
 
 SPINUP_MS = 30000  # data manual: stable data "at least 30 seconds after the sensor wakeup"
 NO_DATA_MS = 3000  # right after waking its frames carry zeros
@@ -29,29 +29,18 @@ def data_frame(words):
     return bytes(out + bytes([s >> 8, s & 0xFF]))
 
 
-class SimPMS5003(UartDevice):
+class SimPMS5003(FanSensor):
     """pm25, pm10 in ug/m3 (set_pm); it reports whole ug/m3 as the real part does. Counters
     for tests: reads, early_reads (before SPINUP_MS awake), wakes, sleeps."""
 
+    SPINUP_MS = SPINUP_MS
+    HEAD = (0x42, 0x4D)
+    COMMAND_LEN = 7
+
     def __init__(self, clock, fault=None, seed=1, awake=True, mode="active", fault_at=None):
-        super().__init__(clock, fault, seed, fault_at)
-        self.mode = mode
-        self.awake = awake
-        self.pm25 = 8.0
-        self.pm10 = 14.0
-        t = clock()
-        self.woke_at = t - SPINUP_MS if awake else None
-        self._awake_since = t
-        self._next_report = t + 1000
-        self.awake_ms = 0
+        super().__init__(clock, fault, seed, awake, mode, fault_at)
         self.reads = 0
         self.early_reads = 0
-        self.wakes = 0
-        self.sleeps = 0
-
-    def set_pm(self, pm25, pm10):
-        self.pm25 = pm25
-        self.pm10 = pm10
 
     def words(self):
         if self.woke_at is not None and self.clock() - self.woke_at < NO_DATA_MS:
@@ -62,21 +51,13 @@ class SimPMS5003(UartDevice):
         counts = [a * 150, a * 45, a * 12, a * 2, b - a if b > a else 0, 0]
         return [pm1, a, b, pm1, a, b] + [min(c, 0xFFFF) for c in counts] + [0x9100]
 
-    def parse(self, rx):
-        while True:
-            i = find(rx, 0x42, 0x4D)
-            if i < 0:
-                self._rx = keep_tail(rx, 0x42)
-                return
-            if len(rx) - i < 7:
-                self._rx = rx[i:]
-                return
-            c = rx[i : i + 7]
-            rx = rx[i + 7 :]
-            self._rx = rx
-            if (c[5] << 8 | c[6]) != checksum16(c[:5]):
-                continue
-            self.handle(c[2], c[4])
+    def report(self):
+        return data_frame(self.words())
+
+    def received(self, c):
+        if (c[5] << 8 | c[6]) != checksum16(c[:5]):
+            return
+        self.handle(c[2], c[4])
 
     def handle(self, cmd, data):
         now = self.clock()
@@ -86,38 +67,16 @@ class SimPMS5003(UartDevice):
         if cmd == 0xE2:
             if self.mode == "passive":
                 self.reads += 1
-                if self.woke_at is not None and now - self.woke_at < SPINUP_MS:
+                if not self.spun_up(now):
                     self.early_reads += 1
-                self.send(data_frame(self.words()))
+                self.send(self.report())
             return
         if cmd == 0xE1:
             self.mode = "active" if data else "passive"
         elif cmd == 0xE4:
-            if data and not self.awake:
-                self.awake = True
-                self.woke_at = now
-                self._awake_since = now
-                self._next_report = now + 1000
-                self.wakes += 1
-            elif not data and self.awake:
-                self.awake = False
-                self.awake_ms += now - self._awake_since
-                self.sleeps += 1
+            (self.wake if data else self.sleep)(now)
         else:
             return
         body = bytes([0x42, 0x4D, 0, 4, cmd, data])
         s = checksum16(body)
         self.send(body + bytes([s >> 8, s & 0xFF]))
-
-    def tick(self, now):
-        if self.awake and self.mode == "active" and not self.silent():
-            if now - self._next_report > 30000:
-                self._next_report = now - 30000
-            while self._next_report <= now:
-                self.send(data_frame(self.words()), at=self._next_report)
-                self._next_report += 1000
-        elif self.awake:
-            self._next_report = now + 1000
-
-    def running_ms(self, now):
-        return self.awake_ms + (now - self._awake_since if self.awake else 0)

@@ -92,6 +92,89 @@ class UartDevice:
         """Time passes (a part that reports on its own queues its reports here)."""
 
 
+class FanSensor(UartDevice):
+    """A particulate sensor on a UART (SDS011, PMS5003): a fan and laser that run while it is
+    awake, what it senses (pm25, pm10 in ug/m3: set_pm), a report every second in active mode
+    (report(): its frame), and commands of COMMAND_LEN bytes behind the two bytes HEAD, which
+    received(frame) checks and answers. awake_ms and running_ms(): how long the fan has run
+    (the power model's duty); wakes, sleeps: counters for tests."""
+
+    SPINUP_MS = 30000  # fan and laser need this long after waking for a sound reading
+    HEAD = (0, 0)
+    COMMAND_LEN = 0
+
+    def __init__(self, clock, fault=None, seed=1, awake=True, mode="active", fault_at=None):
+        super().__init__(clock, fault, seed, fault_at)
+        self.mode = mode
+        self.awake = awake
+        self.pm25 = 8.0
+        self.pm10 = 14.0
+        t = clock()
+        self.woke_at = t - self.SPINUP_MS if awake else None  # on for long enough at the start
+        self._awake_since = t
+        self._next_report = t + 1000
+        self.awake_ms = 0
+        self.wakes = 0
+        self.sleeps = 0
+
+    def set_pm(self, pm25, pm10):
+        self.pm25 = pm25
+        self.pm10 = pm10
+
+    def spun_up(self, now):
+        return self.woke_at is None or now - self.woke_at >= self.SPINUP_MS
+
+    def wake(self, now):
+        if not self.awake:
+            self.awake = True
+            self.woke_at = now
+            self._awake_since = now
+            self._next_report = now + 1000
+            self.wakes += 1
+
+    def sleep(self, now):
+        if self.awake:
+            self.awake = False
+            self.awake_ms += now - self._awake_since
+            self.sleeps += 1
+
+    def parse(self, rx):
+        a, b = self.HEAD
+        n = self.COMMAND_LEN
+        while True:
+            i = find(rx, a, b)
+            if i < 0:
+                self._rx = keep_tail(rx, a)
+                return
+            if len(rx) - i < n:
+                self._rx = rx[i:]
+                return
+            frame = rx[i : i + n]
+            rx = rx[i + n :]
+            self._rx = rx
+            self.received(frame)
+
+    def received(self, frame):  # pragma: no cover - subclasses
+        pass
+
+    def report(self):  # pragma: no cover - subclasses
+        return b""
+
+    def tick(self, now):
+        if self.awake and self.mode == "active" and not self.silent():
+            if now - self._next_report > 30000:  # beyond the FIFO anyway
+                self._next_report = now - 30000
+            while self._next_report <= now:
+                self.send(self.report(), at=self._next_report)
+                self._next_report += 1000
+        elif self.awake:
+            self._next_report = now + 1000
+
+    def running_ms(self, now):
+        """ms the fan and laser have run in all."""
+        return self.awake_ms + (now - self._awake_since if self.awake else 0)
+
+
 def find(buf, a, b, start=0):
     """Index of the byte pair (a, b) in buf, or -1 (MicroPython's bytearray has no find)."""
     for i in range(start, len(buf) - 1):
